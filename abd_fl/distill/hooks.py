@@ -1,0 +1,83 @@
+"""The hook interface through which a defense plugs into data-free distillation.
+
+The distillation loop (:mod:`abd_fl.distill.loop`) defines this interface and never
+imports a defense; ABD (:mod:`abd_fl.defense`) implements it, and whoever builds a run
+passes it in. Three hook points, one per place the ABD paper acts (Sec. 4):
+
+1. ``generator_loss_term(x)`` -- a term added to the generator's loss while synthesising
+   (Shuffling Vaccine, "suppressing backdoor generation", Sec. 4.1 (1)).
+2. ``kd_sample_weights(x, teacher_logits)`` -- per-sample weights on the KD loss
+   (Shuffling Vaccine, "suppressing suspicious distillation", Sec. 4.1 (2)).
+3. ``add_student_gradient(student, x)`` -- an extra contribution to the student's
+   gradient in the late phase of training, after the KD backward pass and before the
+   optimizer step (Self-Retrospection, Algorithm 1). The loop starts a fresh student
+   optimizer at ``late_phase_lr`` when the late phase begins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class DistillContext:
+    """What a defense may look at when distillation starts (no training or test data)."""
+
+    teachers: Sequence[nn.Module]
+    ensemble: nn.Module
+    student: nn.Module
+    device: torch.device
+    total_iterations: int
+    sample_surrogate: Callable[[], torch.Tensor]
+    """Draws one batch of surrogate inputs from the synthesizer (for vaccine search)."""
+
+
+@runtime_checkable
+class DistillDefense(Protocol):
+    """A plug-in defense for :func:`abd_fl.distill.loop.distill`."""
+
+    late_phase_fraction: float
+    """Fraction of the final iterations in which ``add_student_gradient`` runs (0 = never)."""
+    late_phase_lr: float | None
+    """Learning rate of the fresh student optimizer of the late phase (None = keep the optimizer)."""
+
+    def on_distill_start(self, ctx: DistillContext) -> None:
+        """Called once before the first iteration (e.g. to search for a vaccine)."""
+
+    def generator_loss_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A scalar added to the generator's loss on synthetic batch ``x`` (None = nothing)."""
+
+    def kd_sample_weights(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights (N,) for the KD loss on ``x`` (None = uniform)."""
+
+    def add_student_gradient(self, student: nn.Module, x: torch.Tensor) -> None:
+        """Accumulate an extra gradient into ``student``'s ``.grad`` (late phase only)."""
+
+    def report(self) -> dict[str, Any]:
+        """JSON-serialisable facts about this run of the defense (vaccine outcome, scores)."""
+
+
+class NullDefense:
+    """A defense that does nothing; subclass it to implement only some hooks."""
+
+    late_phase_fraction: float = 0.0
+    late_phase_lr: float | None = None
+
+    def on_distill_start(self, ctx: DistillContext) -> None:
+        return None
+
+    def generator_loss_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def kd_sample_weights(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def add_student_gradient(self, student: nn.Module, x: torch.Tensor) -> None:
+        return None
+
+    def report(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,162 @@
+"""The data-free distillation loop (paper Eq. 2), with hook points for a defense.
+
+``distill(teachers, student, synthesizer, defense=None, config)`` trains ``student`` in
+place to match the teachers' averaged logits on surrogate inputs. Per iteration: one
+synthesis step (``synthesizer.generator_round``), then ``student_steps`` KD steps on
+fresh surrogate batches. The defense (see :mod:`abd_fl.distill.hooks`) acts at three
+points: the generator loss, per-sample KD weights, and an extra student gradient in the
+late phase (with a fresh optimizer at a small learning rate, as ABD's SR does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from abd_fl.distill.ensemble import TeacherEnsemble
+from abd_fl.distill.hooks import DistillContext, DistillDefense
+from abd_fl.distill.losses import kd_kl_per_sample
+from abd_fl.distill.synthesizers.base import Synthesizer
+
+
+@dataclass
+class DistillConfig:
+    """Budgets and optimiser settings of one distillation run."""
+
+    iterations: int = 500
+    student_steps: int = 10
+    batch_size: int = 128
+    lr: float = 2e-3
+    temperature: float = 1.0
+    cosine: bool = True
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "student_steps", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "iterations" else 1):
+                raise ValueError(f"distill.{name} must be an integer >= {0 if name == 'iterations' else 1}, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"distill.lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class DistillResult:
+    """What one run of :func:`distill` produced besides the trained student."""
+
+    wall_s: float
+    defense_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    defense_report: dict[str, Any] = field(default_factory=dict)
+
+
+def _late_start(defense: DistillDefense | None, iterations: int) -> int:
+    if defense is None or defense.late_phase_fraction <= 0:
+        return iterations
+    return iterations - max(1, math.ceil(defense.late_phase_fraction * iterations))
+
+
+def distill(
+    teachers: Sequence[nn.Module] | TeacherEnsemble,
+    student: nn.Module,
+    synthesizer: Synthesizer,
+    defense: DistillDefense | None = None,
+    config: DistillConfig | None = None,
+    device: torch.device | str = "cpu",
+    image_shape: tuple[int, int, int] | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> DistillResult:
+    """Distil ``teachers`` into ``student`` on inputs from ``synthesizer`` (in place).
+
+    ``image_shape`` (C, H, W) is required for generator-based synthesizers. ``progress``
+    is called as ``progress(iteration, logs)`` after every iteration.
+    """
+    cfg = config or DistillConfig()
+    device = torch.device(device)
+    ensemble = teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
+    ensemble.to(device)
+    student.to(device).train()
+    if image_shape is None:
+        image_shape = tuple(getattr(synthesizer, "images").shape[1:])  # fixed-data synthesizers
+    torch.manual_seed(cfg.seed)
+    defense_time = 0.0
+
+    def timed_generator_term(x: torch.Tensor) -> torch.Tensor | None:
+        nonlocal defense_time
+        t0 = time.perf_counter()
+        term = defense.generator_loss_term(x) if defense is not None else None
+        defense_time += time.perf_counter() - t0
+        return term
+
+    synthesizer.setup(ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed)
+    start = time.perf_counter()
+    if defense is not None:
+        t0 = time.perf_counter()
+        defense.on_distill_start(
+            DistillContext(
+                teachers=list(ensemble.teachers),
+                ensemble=ensemble,
+                student=student,
+                device=device,
+                total_iterations=cfg.iterations,
+                sample_surrogate=lambda: synthesizer.sample(cfg.batch_size),
+            )
+        )
+        defense_time += time.perf_counter() - t0
+
+    total_steps = max(1, cfg.iterations * cfg.student_steps)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cfg.cosine else None
+    late_start = _late_start(defense, cfg.iterations)
+    history: list[dict[str, float]] = []
+    for it in range(cfg.iterations):
+        in_late_phase = defense is not None and it >= late_start
+        if in_late_phase and it == late_start and defense.late_phase_lr is not None:
+            optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
+            scheduler = None
+        logs = synthesizer.generator_round(it)
+        kd_total = 0.0
+        for _ in range(cfg.student_steps):
+            x = synthesizer.sample(cfg.batch_size)
+            with torch.no_grad():
+                t_logits = ensemble(x)
+            per_sample = kd_kl_per_sample(student(x), t_logits, cfg.temperature)
+            weights = None
+            if defense is not None:
+                t0 = time.perf_counter()
+                weights = defense.kd_sample_weights(x, t_logits)
+                defense_time += time.perf_counter() - t0
+            loss = per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if in_late_phase:
+                t0 = time.perf_counter()
+                defense.add_student_gradient(student, x)
+                defense_time += time.perf_counter() - t0
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            kd_total += float(loss.detach())
+        logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase)}
+        if cfg.log_every and (it % cfg.log_every == 0 or it == cfg.iterations - 1):
+            history.append({"iteration": float(it), **logs})
+        if progress is not None:
+            progress(it, logs)
+    close = getattr(synthesizer, "close", None)
+    if callable(close):
+        close()
+    student.eval()
+    return DistillResult(
+        wall_s=time.perf_counter() - start,
+        defense_s=defense_time,
+        history=history,
+        defense_report=defense.report() if defense is not None else {},
+    )

@@ -1,0 +1,55 @@
+"""The synthesizer interface: where the surrogate inputs of data-free KD come from."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable
+
+import torch
+from torch import nn
+
+GeneratorLossHook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class Synthesizer(ABC):
+    """Produces surrogate inputs for distillation.
+
+    The loop calls :meth:`setup` once, then per iteration :meth:`generator_round`
+    (update the generator(s) / grow the pool) followed by several :meth:`sample` calls
+    (the inputs of student steps). ``extra_generator_loss`` is the defense's hook: a
+    synthesizer that trains a generator adds its value to the generator's loss.
+    """
+
+    def setup(
+        self,
+        ensemble: nn.Module,
+        student: nn.Module,
+        image_shape: tuple[int, int, int],
+        device: torch.device,
+        extra_generator_loss: GeneratorLossHook | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.ensemble = ensemble
+        self.student = student
+        self.image_shape = image_shape
+        self.device = device
+        self.extra_generator_loss = extra_generator_loss
+        self.seed = seed
+        self._setup()
+
+    def _setup(self) -> None:
+        """Build generators, optimizers, pools (after the common fields are set)."""
+
+    @abstractmethod
+    def generator_round(self, iteration: int) -> dict[str, float]:
+        """One synthesis step; returns scalar logs (e.g. the generator loss)."""
+
+    @abstractmethod
+    def sample(self, batch_size: int) -> torch.Tensor:
+        """A batch of surrogate inputs (N, C, H, W), detached, on the device."""
+
+    def _add_defense_term(self, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.extra_generator_loss is None:
+            return loss
+        term = self.extra_generator_loss(x)
+        return loss if term is None else loss + term
