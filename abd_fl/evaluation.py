@@ -1,0 +1,53 @@
+"""Acc / ASR / ASR-floor of every role of a federated data-free-KD round.
+
+Test data is used here only to report; no defense or training code sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from abd_fl.data import ImageData
+from abd_fl.distill import TeacherEnsemble
+from abd_fl.metrics import backdoor_metrics
+
+
+def _mean(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    keys = ("acc", "asr", "asr_floor")
+    return {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in keys}
+
+
+def evaluate_round(
+    teachers: Sequence[nn.Module],
+    malicious: Sequence[bool],
+    aggregated: nn.Module | None,
+    students: Mapping[str, nn.Module],
+    clean_test: ImageData,
+    poisoned_test: ImageData,
+    target_label: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, object]:
+    """Metrics of each teacher, the malicious/benign means, the ensemble, the aggregated
+    model (key ``fedavg``) and every student (keyed by its role name)."""
+
+    def m(model: nn.Module) -> dict[str, float]:
+        return backdoor_metrics(model, clean_test, poisoned_test, target_label, device)
+
+    per_teacher = [m(t) for t in teachers]
+    out: dict[str, object] = {"teachers": per_teacher}
+    mal = [p for p, flag in zip(per_teacher, malicious) if flag]
+    ben = [p for p, flag in zip(per_teacher, malicious) if not flag]
+    if mal:
+        out["malicious_teacher"] = _mean(mal)
+    if ben:
+        out["benign_teachers"] = _mean(ben)
+    if teachers:
+        out["ensemble"] = m(TeacherEnsemble(list(teachers)))
+    if aggregated is not None:
+        out["fedavg"] = m(aggregated)
+    for role, student in students.items():
+        out[role] = m(student)
+    return out

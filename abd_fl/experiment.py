@@ -1,0 +1,128 @@
+"""Build the objects of one experiment from its resolved config (a plain nested dict).
+
+Shared by the Flower server side (``strategies/``), the Flower client side (``clients/``)
+and the centralized runner, so that every side derives the same dataset split, client
+partitions, malicious set, trigger and models from the same config and seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from abd_fl.attacks import Trigger, build_trigger, make_poisoned_test_set, poison_data
+from abd_fl.config import ConfigError
+from abd_fl.data import DatasetBundle, ImageData, load_dataset, partition_indices
+from abd_fl.distill import DistillConfig, Synthesizer, build_synthesizer
+from abd_fl.models import build_model
+
+
+def config_key(cfg: Mapping[str, Any]) -> str:
+    """A stable string for caching per-config objects."""
+    return json.dumps(cfg, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=4)
+def _bundle_cached(name: str, root: str | None, image_size: int | None, seed: int) -> DatasetBundle:
+    return load_dataset(name, root=root, image_size=image_size, seed=seed)
+
+
+def build_bundle(cfg: Mapping[str, Any]) -> DatasetBundle:
+    """The dataset with its fixed, seeded train/test split (cached per process)."""
+    ds = cfg["dataset"]
+    bundle = _bundle_cached(ds["name"], ds.get("root"), ds.get("image_size"), int(cfg["seed"]))
+    target = cfg["attack"]["target_label"]
+    if not 0 <= target < bundle.num_classes:
+        raise ConfigError(f"attack.target_label must be in [0, {bundle.num_classes - 1}], got {target}")
+    return bundle
+
+
+def client_partitions(cfg: Mapping[str, Any], bundle: DatasetBundle) -> list[np.ndarray]:
+    """Train-set indices of every client (flwr-datasets partitioner, seeded)."""
+    sim = cfg["simulation"]
+    return partition_indices(
+        bundle.train.labels.numpy(),
+        num_partitions=int(sim["num_clients"]),
+        scheme=sim["partition"],
+        alpha=float(sim["alpha"]),
+        seed=int(cfg["seed"]),
+    )
+
+
+def malicious_ids(cfg: Mapping[str, Any]) -> list[int]:
+    """Partition ids of the malicious clients: explicit ids, or ``num_malicious`` sampled with the seed."""
+    attack, n = cfg["attack"], int(cfg["simulation"]["num_clients"])
+    if attack.get("malicious_ids") is not None:
+        return sorted(int(i) for i in attack["malicious_ids"])
+    count = int(attack["num_malicious"])
+    if count > n:
+        raise ConfigError(f"attack.num_malicious={count} is more than simulation.num_clients={n}")
+    rng = np.random.default_rng(int(cfg["seed"]) + 7919)
+    return sorted(int(i) for i in rng.choice(n, size=count, replace=False))
+
+
+def build_trigger_from_config(cfg: Mapping[str, Any], bundle: DatasetBundle) -> Trigger:
+    attack = cfg["attack"]
+    return build_trigger(attack["trigger"], bundle.train.shape, seed=int(cfg["seed"]), **dict(attack.get("trigger_params") or {}))
+
+
+def client_train_data(cfg: Mapping[str, Any], partition_id: int) -> tuple[ImageData, bool]:
+    """The local training set of client ``partition_id`` (poisoned if it is malicious)."""
+    bundle = build_bundle(cfg)
+    parts = client_partitions(cfg, bundle)
+    if not 0 <= partition_id < len(parts):
+        raise ConfigError(f"partition-id {partition_id} out of range [0, {len(parts) - 1}]")
+    data = bundle.train.subset(parts[partition_id])
+    is_malicious = partition_id in malicious_ids(cfg)
+    if is_malicious and cfg["attack"]["poison_rate"] > 0:
+        data, _ = poison_data(
+            data,
+            build_trigger_from_config(cfg, bundle),
+            float(cfg["attack"]["poison_rate"]),
+            int(cfg["attack"]["target_label"]),
+            seed=int(cfg["seed"]) + partition_id,
+            num_classes=bundle.num_classes,
+        )
+    return data, is_malicious
+
+
+def build_named_model(cfg: Mapping[str, Any], bundle: DatasetBundle, role: str, seed: int | None = None) -> nn.Module:
+    """A fresh model for ``role`` ('client' or 'student'), initialised with ``seed`` (default: config seed)."""
+    torch.manual_seed(int(cfg["seed"]) if seed is None else seed)
+    return build_model(cfg["model"][role], bundle.num_classes, bundle.in_channels, bundle.mean, bundle.std)
+
+
+def evaluation_sets(cfg: Mapping[str, Any], bundle: DatasetBundle) -> tuple[ImageData, ImageData]:
+    """(clean test set, poisoned test set): used only to report Acc/ASR, never to train or defend."""
+    trigger = build_trigger_from_config(cfg, bundle)
+    return bundle.test, make_poisoned_test_set(bundle.test, trigger, int(cfg["attack"]["target_label"]))
+
+
+def distill_config(cfg: Mapping[str, Any]) -> DistillConfig:
+    d = cfg["distill"]
+    return DistillConfig(
+        iterations=int(d["iterations"]),
+        student_steps=int(d["student_steps"]),
+        batch_size=int(d["batch_size"]),
+        lr=float(d["lr"]),
+        temperature=float(d["temperature"]),
+        seed=int(cfg["seed"]),
+    )
+
+
+def build_synthesizer_from_config(cfg: Mapping[str, Any]) -> Synthesizer:
+    d = cfg["distill"]
+    return build_synthesizer(d["synthesizer"], **dict(d.get("synthesizer_params") or {}))
+
+
+def clean_kd_images(cfg: Mapping[str, Any], bundle: DatasetBundle) -> torch.Tensor:
+    """The clean-KD reference's inputs: a seeded ``fraction`` of the clean training images."""
+    frac = float(cfg["clean_kd_reference"]["fraction"])
+    g = torch.Generator().manual_seed(int(cfg["seed"]))
+    n = max(1, int(round(frac * len(bundle.train))))
+    return bundle.train.images[torch.randperm(len(bundle.train), generator=g)[:n]]

@@ -1,0 +1,200 @@
+"""``DataFreeKD``: server-side data-free knowledge distillation around any Flower strategy.
+
+A wrapper in the style of Flower's differential-privacy wrappers: it delegates
+configuration and aggregation to ``base`` (FedAvg, FedMedian, FedTrimmedAvg, Krum, ...)
+and then distils the clients' models (the teachers) into the global student on the
+server, with no training data:
+
+- ``one_shot`` (DENSE, Zhang et al. 2022): one round; the student starts fresh.
+- ``multi_round`` (FedFTG-style, Zhang et al. 2022): every round the base aggregate is the
+  student's starting point and data-free KD fine-tunes it.
+
+The distillation itself is a callable ``distill_fn(arm, teachers, student, round)``; the
+caller decides the synthesizer and the defense of each *arm*. The first arm produces the
+global model; further arms (e.g. ``abd_student``) are distilled from the same teachers
+and the same starting point, side by side, for comparison. Every reply is validated
+first (:mod:`strategies.validation`); a bad one is dropped and the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from abd_fl.distill import DistillResult
+from strategies.validation import split_valid_replies
+
+log = logging.getLogger("abd_fl")
+
+MODES = ("one_shot", "multi_round")
+DistillFn = Callable[[str, list[nn.Module], nn.Module, int], DistillResult]
+
+
+@dataclass
+class RoundOutcome:
+    """Everything one round produced, handed to the ``on_round`` callback."""
+
+    server_round: int
+    teachers: list[nn.Module]
+    teacher_info: list[dict[str, Any]]
+    aggregated: nn.Module | None
+    students: dict[str, nn.Module]
+    distill_results: dict[str, DistillResult]
+    rejected: list[tuple[int, str]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def state_signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Key -> (shape, dtype) of a model's state dict, the reference for reply validation."""
+    return {k: (tuple(v.shape), np.dtype(str(v.dtype).replace("torch.", ""))) for k, v in model.state_dict().items()}
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord) -> nn.Module:
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+class DataFreeKD(Strategy):
+    """Wrap ``base`` and replace its aggregate by a data-free-KD student (see module doc)."""
+
+    def __init__(
+        self,
+        base: Strategy,
+        client_model_fn: Callable[[], nn.Module],
+        student_model_fn: Callable[[], nn.Module],
+        distill_fn: DistillFn,
+        arms: Sequence[str] = ("dfkd_student",),
+        mode: str = "one_shot",
+        on_round: Callable[[RoundOutcome], None] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown DataFreeKD mode '{mode}'; choose one of: {', '.join(MODES)}")
+        if not arms:
+            raise ValueError("DataFreeKD needs at least one distillation arm, got none")
+        self.base = base
+        self.client_model_fn = client_model_fn
+        self.student_model_fn = student_model_fn
+        self.distill_fn = distill_fn
+        self.arms = tuple(arms)
+        self.mode = mode
+        self.on_round = on_round
+        self._reference = state_signature(client_model_fn())
+        if mode == "multi_round" and state_signature(student_model_fn()) != self._reference:
+            raise ValueError("multi_round mode distils into the aggregated model: student and client architectures must match")
+
+    # ---- delegation -------------------------------------------------------------
+    def summary(self) -> None:
+        log.info("DataFreeKD(mode=%s, arms=%s) around %s", self.mode, ", ".join(self.arms), type(self.base).__name__)
+        self.base.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.mode == "one_shot" and server_round > 1:
+            log.warning("one_shot mode: round %d skipped (clients train once)", server_round)
+            return []
+        if self.mode == "one_shot":
+            arrays = ArrayRecord(self.client_model_fn().state_dict())  # clients start from the client architecture
+        return self.base.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []  # evaluation is server-side (evaluate_fn): clients hold no test data here
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    # ---- the data-free KD step --------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.perf_counter()
+        valid, rejected = split_valid_replies(list(replies), self._reference, server_round)
+        if not valid:
+            log.warning("round %d: no valid replies; the global model is unchanged", server_round)
+            return None, None
+        agg_arrays, agg_metrics = self.base.aggregate_train(server_round, valid)
+        t_agg = time.perf_counter()
+
+        teachers, info = [], []
+        for msg in valid:
+            arrays = next(iter(msg.content.array_records.values()))
+            metrics = next(iter(msg.content.metric_records.values()))
+            teachers.append(load_arrays(self.client_model_fn(), arrays).eval())
+            info.append(
+                {
+                    "node_id": int(msg.metadata.src_node_id),
+                    "partition_id": int(metrics["partition-id"]),
+                    "malicious": bool(metrics["malicious"]),
+                    "num_examples": int(metrics["num-examples"]),
+                }
+            )
+        order = np.argsort([i["partition_id"] for i in info])
+        teachers, info = [teachers[i] for i in order], [info[i] for i in order]
+        aggregated = load_arrays(self.client_model_fn(), agg_arrays).eval() if agg_arrays is not None else None
+
+        students: dict[str, nn.Module] = {}
+        results: dict[str, DistillResult] = {}
+        timings = {"aggregate_s": t_agg - t0}
+        for arm in self.arms:
+            student = self.student_model_fn()
+            if self.mode == "multi_round" and aggregated is not None:
+                student.load_state_dict(aggregated.state_dict())
+            t_arm = time.perf_counter()
+            results[arm] = self.distill_fn(arm, teachers, student, server_round)
+            timings[f"{arm}_s"] = time.perf_counter() - t_arm
+            students[arm] = student
+
+        if self.on_round is not None:
+            self.on_round(RoundOutcome(server_round, teachers, info, aggregated, students, results, rejected, timings))
+        primary = students[self.arms[0]]
+        metrics = MetricRecord(dict(agg_metrics)) if agg_metrics is not None else MetricRecord()
+        metrics["num-rejected"] = len(rejected)
+        return ArrayRecord(primary.state_dict()), metrics
+
+
+def make_base_strategy(name: str, params: Mapping[str, Any] | None, num_clients: int, fraction_train: float) -> Strategy:
+    """Build a Flower Message-API strategy by config name (client-side evaluation off)."""
+    from flwr.serverapp import strategy as fs
+
+    bases = {"fedavg": fs.FedAvg, "fedmedian": fs.FedMedian, "fedtrimmedavg": fs.FedTrimmedAvg, "krum": fs.Krum}
+    if name not in bases:
+        raise ValueError(f"unknown strategy.base '{name}'; choose one of: {', '.join(bases)}")
+    min_nodes = max(1, int(round(fraction_train * num_clients)))
+    kwargs: dict[str, Any] = dict(
+        fraction_train=fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=min_nodes,
+        min_evaluate_nodes=0,
+        min_available_nodes=num_clients,
+        train_metrics_aggr_fn=_aggregate_scalar_metrics,
+    )
+    kwargs.update(dict(params or {}))
+    try:
+        return bases[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad strategy.base_params for '{name}': {err}") from None
+
+
+def _aggregate_scalar_metrics(records: list, weighted_by_key: str) -> MetricRecord:
+    """Weighted mean of the scalar training metrics (list-valued ones such as label counts are summed)."""
+    total = sum(float(next(iter(r.metric_records.values()))[weighted_by_key]) for r in records)
+    out: dict[str, Any] = {}
+    for rec in records:
+        m = next(iter(rec.metric_records.values()))
+        w = float(m[weighted_by_key]) / total
+        for key, value in m.items():
+            if key in ("partition-id", "malicious"):
+                continue
+            if key == weighted_by_key:
+                out[key] = out.get(key, 0) + value
+            elif isinstance(value, list):
+                prev = out.get(key, [0] * len(value))
+                out[key] = [a + b for a, b in zip(prev, value)]
+            else:
+                out[key] = out.get(key, 0.0) + w * float(value)
+    return MetricRecord(out)

@@ -1,0 +1,213 @@
+"""The Flower ServerApp: builds the data-free-KD strategy from the experiment config,
+runs the rounds, evaluates on the server, and writes the run's files as it goes.
+
+Two ways in, one code path:
+- ``abd-fl`` (Hydra CLI, :mod:`abd_fl.cli`) builds ``build_server_app(cfg)`` with the
+  composed config and runs it in Flower's simulation engine (Ray backend);
+- ``flwr run .`` loads the module-level ``app``, which composes the same Hydra config from
+  the run config: ``overrides`` (space-separated Hydra overrides) and
+  ``num-server-rounds`` (-> ``simulation.rounds``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from abd_fl.config import validate_config
+from abd_fl.device import resolve_device
+from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
+from abd_fl.evaluation import evaluate_round
+from abd_fl.experiment import (
+    build_bundle,
+    build_named_model,
+    build_synthesizer_from_config,
+    clean_kd_images,
+    distill_config,
+    evaluation_sets,
+    malicious_ids,
+)
+from abd_fl.metrics import backdoor_metrics
+from abd_fl.paths import compose_config
+from abd_fl.results import RunDir, markdown_table, plot_rounds, print_table
+from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
+
+log = logging.getLogger("abd_fl")
+CONFIG_KEY = "abd-config"
+SUMMARY_ROLES = ("malicious_teacher", "benign_teachers", "ensemble", "fedavg", "dfkd_student")
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """Map ``flwr run`` run-config keys onto the Hydra config."""
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    if "num-server-rounds" in run_config and not any(o.startswith("simulation.rounds=") for o in overrides):
+        overrides.append(f"simulation.rounds={int(run_config['num-server-rounds'])}")
+    return compose_config(overrides)
+
+
+def _progress_bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the whole federated experiment on ``grid``; returns the summary."""
+    if not logging.getLogger().handlers and not log.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    validate_config(cfg)
+    t_start = time.perf_counter()
+    device = resolve_device(str(cfg.get("device", "auto")))
+    bundle = build_bundle(cfg)
+    clean_test, poisoned_test = evaluation_sets(cfg, bundle)
+    target = int(cfg["attack"]["target_label"])
+    mal_ids = malicious_ids(cfg)
+    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
+    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "device": str(device)}})
+    log.info("run directory: %s (malicious clients: %s)", run.path, mal_ids)
+    sim = cfg["simulation"]
+
+    def client_model():
+        return build_named_model(cfg, bundle, "client")
+
+    def student_model():
+        return build_named_model(cfg, bundle, "student")
+
+    def distill_fn(arm: str, teachers, student, server_round: int):
+        dcfg = distill_config(cfg)
+        dcfg.seed = int(cfg["seed"]) * 100 + server_round
+        bar = _progress_bar(bool(cfg.get("progress", True)), dcfg.iterations, f"round {server_round} {arm}")
+        try:
+            return distill(
+                teachers,
+                student,
+                build_synthesizer_from_config(cfg),
+                defense=None,
+                config=dcfg,
+                device=device,
+                image_shape=bundle.train.shape,
+                progress=(lambda it, logs: bar.update(1)) if bar else None,
+            )
+        finally:
+            if bar:
+                bar.close()
+
+    state: dict[str, Any] = {}
+
+    def on_round(outcome: RoundOutcome) -> None:
+        t0 = time.perf_counter()
+        metrics = evaluate_round(
+            outcome.teachers,
+            [i["malicious"] for i in outcome.teacher_info],
+            outcome.aggregated,
+            outcome.students,
+            clean_test,
+            poisoned_test,
+            target,
+            device,
+        )
+        timings = {**outcome.timings, "evaluate_s": time.perf_counter() - t0}
+        record = {
+            "round": outcome.server_round,
+            **metrics,
+            "teacher_info": outcome.teacher_info,
+            "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
+            "distill": {
+                arm: {"wall_s": r.wall_s, "defense_s": r.defense_s, "defense": r.defense_report, "history": r.history}
+                for arm, r in outcome.distill_results.items()
+            },
+            "timings": timings,
+        }
+        run.append_metrics(record)
+        state.update(teachers=outcome.teachers, metrics=metrics)
+        log.info(
+            "round %d: student acc %.3f asr %.3f (floor %.3f)",
+            outcome.server_round,
+            metrics["dfkd_student"]["acc"],
+            metrics["dfkd_student"]["asr"],
+            metrics["dfkd_student"]["asr_floor"],
+        )
+
+    base = make_base_strategy(
+        cfg["strategy"]["base"], cfg["strategy"].get("base_params"), int(sim["num_clients"]), float(cfg["strategy"]["fraction_train"])
+    )
+    strategy = DataFreeKD(
+        base,
+        client_model,
+        student_model,
+        distill_fn,
+        arms=("dfkd_student",),
+        mode=cfg["strategy"]["mode"],
+        on_round=on_round,
+    )
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = load_arrays(student_model(), arrays)
+        return MetricRecord(backdoor_metrics(model, clean_test, poisoned_test, target, device))
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(student_model().state_dict()),
+        num_rounds=int(sim["rounds"]),
+        train_config=ConfigRecord({CONFIG_KEY: json.dumps(cfg)}),
+        evaluate_fn=evaluate_fn,
+    )
+
+    summary: dict[str, Any] = {k: state["metrics"][k] for k in SUMMARY_ROLES if k in state.get("metrics", {})}
+    ref = cfg.get("clean_kd_reference") or {}
+    if ref.get("enabled", False) and state.get("teachers"):
+        summary["clean_kd_reference"] = clean_kd_reference(cfg, bundle, state["teachers"], clean_test, poisoned_test, device)
+        run.append_metrics({"clean_kd_reference": summary["clean_kd_reference"]})
+    summary["wall_s"] = time.perf_counter() - t_start
+    run.write_json("summary.json", summary)
+    run.write_text("results.md", markdown_table(summary))
+    plot_rounds(run.read_metrics(), run.path)
+    print_table(summary, title=f"abd-fl: {cfg.get('name')} ({run.path})")
+    return summary
+
+
+def clean_kd_reference(cfg, bundle, teachers, clean_test, poisoned_test, device) -> dict[str, float]:
+    """KD from the same teachers on a fraction of the clean training data (the paper's Clean KD)."""
+    ref = cfg["clean_kd_reference"]
+    student = build_named_model(cfg, bundle, "student")
+    distill(
+        teachers,
+        student,
+        FixedDataSynthesizer(clean_kd_images(cfg, bundle)),
+        config=DistillConfig(
+            iterations=int(ref["iterations"]),
+            student_steps=int(ref["student_steps"]),
+            batch_size=int(cfg["distill"]["batch_size"]),
+            lr=float(cfg["distill"]["lr"]),
+            temperature=float(ref["temperature"]),
+            seed=int(cfg["seed"]),
+        ),
+        device=device,
+    )
+    return backdoor_metrics(student, clean_test, poisoned_test, int(cfg["attack"]["target_label"]), device)
+
+
+def build_server_app(cfg: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp running ``cfg`` (or, when None, the config composed from the run config)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
+        run_server(grid, resolved)
+
+    return server_app
+
+
+app = build_server_app()
