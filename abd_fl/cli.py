@@ -56,7 +56,7 @@ def run(cfg: dict[str, Any]) -> None:
 
 @hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates via Hydra's root handler
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         validate_config(resolved)

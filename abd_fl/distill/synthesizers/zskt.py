@@ -22,7 +22,7 @@ class ZSKTSynthesizer(Synthesizer):
         ngf: int = 64,
         lr: float = 1e-3,
         batch_size: int = 128,
-        output_activation: str = "tanh",
+        output_activation: str = "sigmoid",
         temperature: float = 1.0,
     ) -> None:
         self.z_dim = z_dim
@@ -43,6 +43,8 @@ class ZSKTSynthesizer(Synthesizer):
 
     def generator_round(self, iteration: int) -> dict[str, float]:
         self.generator.train()
+        was_training = self.student.training
+        self.student.eval()  # the generator step must not move the student's BN statistics
         x = self.generator(self._z(self.batch_size))
         disagreement = kd_kl_per_sample(self.student(x), self.ensemble(x), self.temperature).mean()
         loss = self._add_defense_term(-disagreement, x)
@@ -50,6 +52,7 @@ class ZSKTSynthesizer(Synthesizer):
         loss.backward()
         self.optimizer.step()
         self.student.zero_grad(set_to_none=True)
+        self.student.train(was_training)
         return {"generator_loss": float(loss.detach())}
 
     @torch.no_grad()

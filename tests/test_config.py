@@ -1,0 +1,78 @@
+"""Bad configs fail with one clear line before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from abd_fl.config import ConfigError, validate_config
+from abd_fl.data import DatasetNotFoundError
+from abd_fl.experiment import build_bundle, client_train_data, malicious_ids
+from abd_fl.paths import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_is_valid() -> None:
+    cfg = compose_config()
+    validate_config(cfg)
+    assert cfg["simulation"]["num_clients"] >= 2 and cfg["attack"]["num_malicious"] >= 1
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.name=imagenet", "unknown dataset 'imagenet'; choose one of: digits"),
+        ("model.client=vgg", "unknown model.client 'vgg'; choose one of:"),
+        ("attack.trigger=rainbow", "unknown trigger 'rainbow'; choose one of:"),
+        ("strategy.base=fedsgd", "unknown strategy.base 'fedsgd'; choose one of: fedavg"),
+        ("attack.poison_rate=1.5", "attack.poison_rate must be in [0.0, 1.0], got 1.5"),
+        ("attack.poison_rate=-0.1", "attack.poison_rate must be in [0.0, 1.0], got -0.1"),
+        ("attack.num_malicious=9", "attack.num_malicious=9 is more than simulation.num_clients=6"),
+        ("attack.malicious_ids=[0,7]", "attack.malicious_ids must be distinct partition ids in [0, 5]"),
+        ("simulation.rounds=3", "one_shot runs exactly 1 round"),
+        ("device=tpu", "unknown device 'tpu'"),
+        ("distill.synthesizer=gan", "unknown synthesizer 'gan'"),
+    ],
+)
+def test_bad_values_fail_with_one_line(override: str, message: str) -> None:
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_local_dataset_folder_names_the_folder(tmp_path: Path) -> None:
+    cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path / 'nowhere'}"])
+    validate_config(cfg)
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_bundle(cfg)
+    assert str(tmp_path / "nowhere") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_malicious_clients_from_count_or_ids_and_poisoning() -> None:
+    cfg = compose_config(["attack.num_malicious=2", "seed=3"])
+    ids = malicious_ids(cfg)
+    assert len(ids) == 2 and ids == malicious_ids(cfg)
+    assert malicious_ids(compose_config(["attack.malicious_ids=[4,1]"])) == [1, 4]
+    data, is_mal = client_train_data(cfg, ids[0])
+    assert is_mal and (data.labels == 0).float().mean() > 0.4  # half the local data relabelled to target 0
+    benign = next(i for i in range(6) if i not in ids)
+    assert client_train_data(cfg, benign)[1] is False
+    with pytest.raises(ConfigError, match="target_label must be in"):
+        build_bundle(compose_config(["attack.target_label=10"]))
+
+
+def test_cli_rejects_a_bad_value_before_starting_anything() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "abd_fl.cli", "attack.poison_rate=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "config error: attack.poison_rate must be in [0.0, 1.0], got 2" in proc.stderr
