@@ -36,7 +36,7 @@ from abd_fl.experiment import (
 )
 from abd_fl.metrics import backdoor_metrics
 from abd_fl.paths import compose_config
-from abd_fl.results import RunDir, markdown_table, plot_rounds, print_table
+from abd_fl.results import RunDir, markdown_table, plot_rounds, plot_summary, print_table
 from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
 
 log = logging.getLogger("abd_fl")
@@ -60,11 +60,19 @@ def _progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False)
 
 
+def _configure_logging() -> None:
+    """Give the ``abd_fl`` logger its own handler (never the root logger: Flower and httpx log there)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s abd_fl: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO)
+
+
 def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the whole federated experiment on ``grid``; returns the summary."""
-    if not logging.getLogger().handlers and not log.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    _configure_logging()
     validate_config(cfg)
     t_start = time.perf_counter()
     device = resolve_device(str(cfg.get("device", "auto")))
@@ -172,6 +180,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     run.write_json("summary.json", summary)
     run.write_text("results.md", markdown_table(summary))
     plot_rounds(run.read_metrics(), run.path)
+    plot_summary(summary, run.path)
     print_table(summary, title=f"abd-fl: {cfg.get('name')} ({run.path})")
     return summary
 

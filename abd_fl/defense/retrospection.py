@@ -1,0 +1,304 @@
+"""Student Self-Retrospection (SR): ABD paper Sec. 4.2, Algorithm 1.
+
+SR solves the bi-level problem (paper Sec. 4.2)::
+
+    min_theta  max_delta  1/n sum_i KL( S(x_i | theta) || S(x_i + delta | theta) )
+
+where ``delta`` is one *universal* perturbation shared by the whole batch. Per student
+update (Algorithm 1):
+
+1. :func:`synthesize_delta` -- ``n_delta`` Adam steps of gradient *ascent* on the inner
+   objective give an approximate maximiser ``delta*`` (a stand-in for a trigger the
+   student may have learned from a poisoned teacher).
+2. :func:`sr_hypergradient` -- the gradient of ``psi(theta) = L_out(delta*(theta), theta)``
+   by the implicit function theorem, with the inverse Hessian-vector product replaced by
+   a truncated fixed-point (Neumann) iteration (Grazzi et al., 2020, "On the Iteration
+   Complexity of Hypergradient Computation"; the solver I-BAU and the ABD reference use).
+3. :func:`add_sr_gradient` -- adds ``weight * hypergradient`` to the parameters' ``.grad``
+   after the KD backward pass and before ``optimizer.step()``.
+
+Choices, stated once here and referred to by the functions below:
+
+* **Target detached.** The clean prediction ``S(x)`` is the *target* of the KL and is
+  computed under ``torch.no_grad()``; only the perturbed branch ``S(x + delta)`` carries
+  gradient, in both the inner and the outer loss (the reference's inner loss and its ZSKT
+  outer loss do this; its CMI outer loss does not detach). Hence ``dL_out/dtheta`` and
+  ``dPhi/dtheta`` only flow through ``S(x + delta | theta)``.
+* **Initialisation.** ``delta = 0`` is a stationary point of ``KL(S(x) || S(x + delta))``:
+  the KL and its gradient in ``delta`` are exactly 0 there in exact arithmetic, so plain
+  gradient ascent never leaves it. In floating point the computed gradient at 0 is
+  rounding noise (about 1e-10 in float32, 1e-17 in float64, from ``softmax`` not summing to
+  exactly 1), and Adam's per-coordinate normalisation turns that noise into full-size
+  steps -- so the reference's zero start does move, but in a direction set by rounding
+  (kernel- and platform-dependent, not seedable). We therefore start from
+  ``N(0, init_std^2 I)`` as the paper's Algorithm 1 writes (default ``init_std = 1e-3``,
+  drawn from a seeded ``torch.Generator``), which gives a real, reproducible ascent
+  direction; ``init_std = 0`` reproduces the reference's zero start.
+* **Fixed-point map.** ``Phi(delta, theta) = delta + gamma * grad_delta L_in(delta, theta)``
+  with ``L_in = kl_shift(x, delta) - delta_l2 * ||delta||^2`` on the full batch (one
+  gradient-ascent step; ``delta_l2 = 0`` by default, the reference uses 1e-3 here).
+* **Neumann variant.** With ``A = dPhi/ddelta``, ``B = dPhi/dtheta``, ``g_d = dL_out/ddelta``
+  and ``g_t = dL_out/dtheta``: ``v_0 = g_d``, ``v_{k+1} = A^T v_k + g_d`` for
+  ``k < K = fixed_point_steps``, i.e. ``v_K = sum_{j=0..K} (A^T)^j g_d`` (K + 1 terms of the
+  Neumann series of ``(I - A^T)^{-1} g_d``), and the hypergradient is
+  ``g_t + B^T v_K``. (The hypertorch/reference ``fixed_point`` starts from ``v_0 = 0`` and
+  so keeps K terms; ours keeps one more, and ``K = 0`` still includes ``B^T g_d``.) The
+  series converges to the exact implicit gradient only where ``A`` is a contraction; for
+  ReLU networks it generally is not, so it is a truncated approximation by design.
+* **Outer portion.** ``L_out`` is ``kl_shift`` averaged over a random ``portion`` of the
+  batch (``max(1, floor(portion * N))`` samples). The reference sums the KL of those samples
+  but divides by the full batch size (unpatched samples contribute 0), i.e. its outer loss
+  is ours times ``m / N``; use ``weight = m / N`` (about ``portion``) to match its scale.
+* **BatchNorm.** All SR computations run with the whole model in ``eval()`` mode (BN uses
+  running statistics and none are updated; dropout is off); each submodule's previous
+  mode is restored afterwards. The reference keeps the student in train mode here.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from abd_fl.distill.losses import kd_kl_per_sample
+
+
+@dataclass
+class SRConfig:
+    """Hyper-parameters of Self-Retrospection (ABD paper Sec. 4.2, Algorithm 1).
+
+    Defaults follow the ABD reference (``n_delta`` 10, Adam lr 0.1, K = 5 fixed-point
+    steps with ``gamma`` 0.1, 2% outer portion).
+    """
+
+    n_delta: int = 10
+    """Inner Adam steps that synthesise the universal perturbation (``n_delta``)."""
+    delta_lr: float = 0.1
+    """Adam learning rate of the inner maximisation."""
+    fixed_point_steps: int = 5
+    """K: fixed-point iterations of the hypergradient (Grazzi et al., 2020); 0 allowed."""
+    fixed_point_lr: float = 0.1
+    """gamma of the fixed-point map ``Phi(delta) = delta + gamma * grad L_in``."""
+    portion: float = 0.02
+    """Random share of the batch used for the outer loss (at least one sample)."""
+    weight: float = 1.0
+    """Scale of the hypergradient added to ``.grad`` (0 disables SR)."""
+    eps: float | None = None
+    """Optional L_inf bound on delta (clamped after each step); None = unbounded."""
+    init_std: float = 1e-3
+    """Std of the Gaussian start of delta (0 = zeros as the reference: a stationary point; see module doc)."""
+    delta_l2: float = 0.0
+    """Weight of the ``-delta_l2 * ||delta||^2`` term in the inner objective (reference: 1e-3)."""
+
+    def __post_init__(self) -> None:
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not is_int(self.n_delta) or self.n_delta < 1:
+            raise ValueError(f"SRConfig.n_delta must be an integer >= 1, got {self.n_delta!r}")
+        if not is_num(self.delta_lr) or self.delta_lr <= 0:
+            raise ValueError(f"SRConfig.delta_lr must be a finite number > 0, got {self.delta_lr!r}")
+        if not is_int(self.fixed_point_steps) or self.fixed_point_steps < 0:
+            raise ValueError(
+                f"SRConfig.fixed_point_steps must be an integer >= 0, got {self.fixed_point_steps!r}"
+            )
+        if not is_num(self.fixed_point_lr) or self.fixed_point_lr <= 0:
+            raise ValueError(
+                f"SRConfig.fixed_point_lr must be a finite number > 0, got {self.fixed_point_lr!r}"
+            )
+        if not is_num(self.portion) or not 0 < self.portion <= 1:
+            raise ValueError(f"SRConfig.portion must be in (0, 1], got {self.portion!r}")
+        if not is_num(self.weight) or self.weight < 0:
+            raise ValueError(f"SRConfig.weight must be a finite number >= 0, got {self.weight!r}")
+        if self.eps is not None and (not is_num(self.eps) or self.eps <= 0):
+            raise ValueError(f"SRConfig.eps must be None or a finite number > 0, got {self.eps!r}")
+        if not is_num(self.init_std) or self.init_std < 0:
+            raise ValueError(f"SRConfig.init_std must be a finite number >= 0, got {self.init_std!r}")
+        if not is_num(self.delta_l2) or self.delta_l2 < 0:
+            raise ValueError(f"SRConfig.delta_l2 must be a finite number >= 0, got {self.delta_l2!r}")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own previous mode on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _kl_to_target(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of KL(softmax(target_logits) || S(x + delta))."""
+    return kd_kl_per_sample(model(x + delta), target_logits).mean()
+
+
+def kl_shift(model: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Scalar ``1/N sum_i KL(S(x_i) || S(x_i + delta))`` (ABD paper Sec. 4.2, Algorithm 1).
+
+    The clean prediction ``S(x)`` is the target distribution and is **detached** (computed
+    under ``no_grad``), as in the reference: gradients w.r.t. ``delta`` and the parameters
+    flow only through the perturbed branch ``S(x + delta)``. ``delta`` must broadcast
+    against ``x`` (e.g. shape (1, C, H, W)). Runs the model in whatever mode it is in;
+    the SR functions below call it in eval mode.
+    """
+    with torch.no_grad():
+        target = model(x)
+    return _kl_to_target(model, x, delta, target)
+
+
+def _initial_delta(x: torch.Tensor, cfg: SRConfig, seed: int | None) -> torch.Tensor:
+    shape = (1, *x.shape[1:])
+    if cfg.init_std == 0:
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    noise = torch.randn(shape, generator=gen, dtype=x.dtype)  # drawn on CPU: same values on any device
+    return (noise * cfg.init_std).to(x.device)
+
+
+def synthesize_delta(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int | None = None) -> torch.Tensor:
+    """Universal perturbation ``delta`` of shape (1, C, H, W) maximising ``kl_shift``.
+
+    Algorithm 1 (ABD paper Sec. 4.2), inner loop: start from ``N(0, init_std^2 I)`` (seeded
+    by ``seed``; the global RNG when None; zeros when ``cfg.init_std == 0``), then
+    ``cfg.n_delta`` Adam steps (lr ``cfg.delta_lr``) on ``-(kl_shift - delta_l2 ||delta||^2)``,
+    clamping to ``[-eps, eps]`` after each step when ``cfg.eps`` is set. The model runs in
+    eval mode (restored afterwards) and only ``delta`` is differentiated, so no parameter
+    ``.grad`` is touched. Returns a detached tensor with ``x``'s dtype and device.
+    """
+    x = x.detach()
+    delta = _initial_delta(x, cfg, seed)
+    if cfg.eps is not None:
+        delta = delta.clamp(-cfg.eps, cfg.eps)
+    delta.requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=cfg.delta_lr)
+    with torch.enable_grad(), _eval_mode(model):
+        with torch.no_grad():
+            target = model(x)
+        for _ in range(cfg.n_delta):
+            objective = _kl_to_target(model, x, delta, target)
+            if cfg.delta_l2 > 0:
+                objective = objective - cfg.delta_l2 * delta.pow(2).sum()
+            (grad,) = torch.autograd.grad(objective, delta)
+            delta.grad = grad
+            opt.step()
+            if cfg.eps is not None:
+                with torch.no_grad():
+                    delta.clamp_(-cfg.eps, cfg.eps)
+    return delta.detach()
+
+
+def _outer_indices(n: int, portion: float, generator: torch.Generator | None) -> torch.Tensor:
+    m = max(1, int(n * portion))
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randperm(n, generator=generator, device=device)[:m]
+
+
+def _hypergradient(
+    model: nn.Module, x: torch.Tensor, delta: torch.Tensor, cfg: SRConfig, generator: torch.Generator | None
+) -> tuple[list[torch.Tensor], float]:
+    """The hypergradient (see :func:`sr_hypergradient`) and ``kl_shift(x, delta)`` on the full batch."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = x.detach()
+    idx = _outer_indices(x.shape[0], cfg.portion, generator).to(x.device)
+    with torch.enable_grad(), _eval_mode(model):
+        d = delta.detach().to(device=x.device, dtype=x.dtype).clone().requires_grad_(True)
+        with torch.no_grad():
+            target = model(x)
+
+        # Outer loss on the random portion: g_d = dL_out/ddelta, g_t = dL_out/dtheta.
+        l_out = _kl_to_target(model, x[idx], d, target[idx])
+        g_out = torch.autograd.grad(l_out, [d, *params], allow_unused=True)
+        g_d = g_out[0] if g_out[0] is not None else torch.zeros_like(d)
+        g_t = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_out[1:], params)]
+
+        # Fixed-point map Phi(delta, theta) = delta + gamma * grad_delta L_in, kept differentiable.
+        kl_in = _kl_to_target(model, x, d, target)
+        l_in = kl_in - cfg.delta_l2 * d.pow(2).sum() if cfg.delta_l2 > 0 else kl_in
+        (grad_in,) = torch.autograd.grad(l_in, d, create_graph=True)
+        phi = d + cfg.fixed_point_lr * grad_in
+
+        # v_K = sum_{j=0..K} (A^T)^j g_d via vector-Jacobian products with A = dPhi/ddelta.
+        v = g_d
+        for _ in range(cfg.fixed_point_steps):
+            (a_t_v,) = torch.autograd.grad(phi, d, grad_outputs=v, retain_graph=True)
+            v = a_t_v + g_d
+
+        # B^T v_K with B = dPhi/dtheta.
+        b_t_v = torch.autograd.grad(phi, params, grad_outputs=v, allow_unused=True)
+    hyper = [(gt + bv if bv is not None else gt).detach() for gt, bv in zip(g_t, b_t_v)]
+    return hyper, float(kl_in.detach())
+
+
+def sr_hypergradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    cfg: SRConfig,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """Hypergradient of ``psi(theta) = L_out(delta*(theta), theta)`` (ABD paper Sec. 4.2, Algorithm 1).
+
+    ``delta`` (shape (1, C, H, W)) is taken as the fixed point ``delta*`` of
+    ``Phi(delta, theta) = delta + gamma * grad_delta L_in(delta, theta)``; by the implicit
+    function theorem, ``grad psi = g_t + B^T (I - A^T)^{-1} g_d``, and the inverse is replaced
+    by the fixed-point iteration of Grazzi et al. (2020)::
+
+        v_0 = g_d;  v_{k+1} = A^T v_k + g_d  (k = 0..K-1);  hypergrad = g_t + B^T v_K
+
+    i.e. the Neumann series truncated after K + 1 terms, ``v_K = sum_{j=0..K} (A^T)^j g_d``,
+    where ``A = dPhi/ddelta``, ``B = dPhi/dtheta``, ``g_d, g_t`` are the partial gradients of
+    ``L_out = kl_shift`` on a random ``cfg.portion`` of the batch (indices drawn with
+    ``torch.randperm(N, generator=generator)``; the global RNG when None) and ``L_in`` is
+    ``kl_shift`` on the full batch (minus ``delta_l2 ||delta||^2``). All products are
+    vector-Jacobian products from ``torch.autograd.grad`` (double backward); no Jacobian is
+    formed. Clean predictions are detached targets; the model runs in eval mode (restored
+    afterwards), so BN running statistics are used and not updated.
+
+    Returns one detached tensor per ``p in model.parameters() if p.requires_grad``, same
+    shapes and order; ``.grad`` is not touched.
+    """
+    hyper, _ = _hypergradient(model, x, delta, cfg, generator)
+    return hyper
+
+
+def add_sr_gradient(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int | None = None) -> dict[str, float]:
+    """Algorithm 1's extra term (ABD paper Sec. 4.2): add ``cfg.weight * grad psi`` to ``.grad``.
+
+    Call after the KD loss' ``backward()`` and before ``optimizer.step()``. Synthesises
+    ``delta = synthesize_delta(model, x, cfg, seed)``, computes
+    ``sr_hypergradient(model, x, delta, cfg, generator)`` (Grazzi et al., 2020 fixed-point
+    hypergradient) with ``generator = torch.Generator().manual_seed(seed)`` when ``seed`` is
+    given (else the global RNG), and adds it, scaled by ``cfg.weight``, into every trainable
+    parameter's ``.grad`` (created when None). Model mode and BN statistics are unchanged.
+
+    Returns logs: ``sr_kl`` (``kl_shift`` on the full batch at ``delta``), ``sr_delta_norm``
+    (L2 norm of ``delta``), ``sr_delta_linf`` and ``sr_hypergrad_norm`` (L2 norm of the
+    unscaled hypergradient over all parameters).
+    """
+    delta = synthesize_delta(model, x, cfg, seed=seed)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    hyper, kl_value = _hypergradient(model, x, delta, cfg, generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, h in zip(params, hyper):
+            if p.grad is None:
+                p.grad = (cfg.weight * h).to(p.dtype)
+            else:
+                p.grad.add_(h.to(p.grad.dtype), alpha=cfg.weight)
+        hyper_norm = math.sqrt(sum(float(h.pow(2).sum()) for h in hyper))
+    return {
+        "sr_kl": kl_value,
+        "sr_delta_norm": float(delta.norm()),
+        "sr_delta_linf": float(delta.abs().max()),
+        "sr_hypergrad_norm": hyper_norm,
+    }
