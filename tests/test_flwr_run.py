@@ -25,7 +25,6 @@ the SuperExec run the app in the current environment instead of building one wit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -35,27 +34,17 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-try:
-    import psutil
-except ImportError:  # Ray vendors psutil in ray/thirdparty_files
-    _ray_spec = importlib.util.find_spec("ray")
-    if _ray_spec is None or _ray_spec.origin is None:
-        raise
-    sys.path.append(str(Path(_ray_spec.origin).parent / "thirdparty_files"))
-    import psutil
+from tests.process_cleanup import ProcessScope, describe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-MARKER_VAR = "ABD_FL_TEST_FLWR_RUN_MARKER"
 NUM_SUPERNODES = 2
 RUN_TIMEOUT_S = 300  # the whole `flwr run --stream`
 CMD_TIMEOUT_S = 60  # short CLI calls (`flwr ls`)
-TERM_GRACE_S = 10
 
 
 def _free_port() -> int:
@@ -88,84 +77,7 @@ class FlwrSandbox:
     output_dir: Path
     log_path: Path
     env: dict[str, str]
-    marker: str
-    roots: list[int] = field(default_factory=list)  # PIDs of processes the test spawned
-
-
-def _is_ours(proc: psutil.Process, sandbox: FlwrSandbox) -> bool:
-    """A process belongs to the test if it inherited the marker or names our FLWR_HOME."""
-    try:
-        if proc.environ().get(MARKER_VAR) == sandbox.marker:
-            return True
-    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
-        pass
-    try:
-        return any(str(sandbox.home) in arg for arg in proc.cmdline())
-    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, OSError):
-        return False
-
-
-def _test_processes(sandbox: FlwrSandbox) -> list[psutil.Process]:
-    """All live processes started by the test (directly or not), with their descendants."""
-    me = os.getpid()
-    found: dict[int, psutil.Process] = {}
-    seeds: list[psutil.Process] = []
-    for pid in sandbox.roots:
-        try:
-            seeds.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    seeds += [p for p in psutil.process_iter() if p.pid != me and _is_ours(p, sandbox)]
-    for proc in seeds:
-        found[proc.pid] = proc
-        try:
-            for child in proc.children(recursive=True):
-                found[child.pid] = child
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    alive = []
-    for pid, proc in found.items():
-        if pid == me:
-            continue
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc)
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            pass
-    return alive
-
-
-def _cmdline(proc: psutil.Process) -> str:
-    try:
-        return " ".join(proc.cmdline())
-    except (psutil.Error, OSError):
-        return "<gone>"
-
-
-def _describe(procs: list[psutil.Process]) -> str:
-    return "\n".join(f"{p.pid} {_cmdline(p)[:200]}" for p in procs)
-
-
-def _stop_test_processes(sandbox: FlwrSandbox) -> list[psutil.Process]:
-    """SIGTERM every process of the test, then SIGKILL stragglers; returns survivors."""
-    for _attempt in range(3):  # repeat: a dying parent may still spawn/reparent children
-        procs = _test_processes(sandbox)
-        if not procs:
-            return []
-        for proc in procs:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=TERM_GRACE_S)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
-        time.sleep(0.5)
-    return _test_processes(sandbox)
+    scope: ProcessScope
 
 
 @pytest.fixture
@@ -174,7 +86,7 @@ def flwr_sandbox(tmp_path: Path):
     output_dir = tmp_path / "outputs"
     home.mkdir()
     output_dir.mkdir()
-    marker = uuid.uuid4().hex
+    scope = ProcessScope(cmdline_contains=str(home))
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # make Ray start a cluster of its own
     env.update(
@@ -188,15 +100,14 @@ def flwr_sandbox(tmp_path: Path):
             "PYTHONUNBUFFERED": "1",
             # `flwr` spawns `flower-superlink` by name, which spawns `flower-superexec`
             "PATH": os.pathsep.join([str(Path(_flwr_executable()).parent), env.get("PATH", "")]),
-            MARKER_VAR: marker,
         }
     )
-    sandbox = FlwrSandbox(home, output_dir, tmp_path / "flwr-run.log", env, marker)
+    sandbox = FlwrSandbox(home, output_dir, tmp_path / "flwr-run.log", scope.env(base=env), scope)
     try:
         yield sandbox
     finally:
-        survivors = _stop_test_processes(sandbox)
-        assert not survivors, f"processes left running after cleanup:\n{_describe(survivors)}"
+        survivors = sandbox.scope.stop()
+        assert not survivors, f"processes left running after cleanup:\n{describe(survivors)}"
 
 
 def _run_flwr(sandbox: FlwrSandbox, args: list[str], log_path: Path, timeout: float) -> int:
@@ -211,7 +122,7 @@ def _run_flwr(sandbox: FlwrSandbox, args: list[str], log_path: Path, timeout: fl
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        sandbox.roots.append(proc.pid)
+        sandbox.scope.roots.append(proc.pid)
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -285,8 +196,8 @@ def test_flwr_run_completes_tiny_experiment(flwr_sandbox: FlwrSandbox):
     assert any(r.get("round") == 1 for r in records), records
 
     # The local SuperLink outlives the run: it is ours, and stopping it stops everything.
-    ours = _test_processes(sandbox)
-    names = " ".join(_cmdline(p) for p in ours)
-    assert "flower-superlink" in names and str(sandbox.home) in names, _describe(ours)
-    survivors = _stop_test_processes(sandbox)
-    assert not survivors, f"processes left running after cleanup:\n{_describe(survivors)}"
+    ours = sandbox.scope.processes()
+    names = " ".join(" ".join(p.cmdline()) for p in ours)
+    assert "flower-superlink" in names and str(sandbox.home) in names, describe(ours)
+    survivors = sandbox.scope.stop()
+    assert not survivors, f"processes left running after cleanup:\n{describe(survivors)}"

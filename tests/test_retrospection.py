@@ -22,6 +22,7 @@ from abd_fl.defense.retrospection import (
 )
 from abd_fl.models import build_model
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
     """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
@@ -54,7 +55,11 @@ def _functional(model: nn.Module) -> tuple[Functional, torch.Tensor]:
 
 
 def _kl_ref(
-    call: Functional, theta: torch.Tensor, xs: torch.Tensor, delta_flat: torch.Tensor, target_theta: torch.Tensor | None = None
+    call: Functional,
+    theta: torch.Tensor,
+    xs: torch.Tensor,
+    delta_flat: torch.Tensor,
+    target_theta: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """mean_i KL(S(x_i) || S(x_i + delta)), clean target detached (optionally frozen at target_theta)."""
     t_theta = theta if target_theta is None else target_theta
@@ -124,6 +129,23 @@ def _inputs(n: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 1, 4, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def test_kl_shift_detaches_the_clean_target() -> None:
+    model, x = _tiny_mlp(), _inputs()
+    delta = 0.3 * torch.randn((1, 1, 4, 4), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = _flat(list(torch.autograd.grad(kl_shift(model, x, delta), list(model.parameters()))))
+    call, theta0 = _functional(model)
+    detached = jacobian(lambda t: _kl_ref(call, t, x, delta.reshape(-1)), theta0)
+
+    def full_kl(t: torch.Tensor) -> torch.Tensor:  # both branches differentiated
+        log_p = F.log_softmax(call(t, x), dim=1)
+        log_q = F.log_softmax(call(t, x + delta), dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+    torch.testing.assert_close(got, detached, atol=1e-12, rtol=1e-10)
+    assert (got - jacobian(full_kl, theta0)).abs().max() > 1e-4
+    torch.testing.assert_close(kl_shift(model, x, delta), full_kl(theta0), atol=1e-12, rtol=1e-10)
+
+
 # --------------------------------------------------------------------------------------
 # 1. Exactness of the hypergradient
 # --------------------------------------------------------------------------------------
@@ -178,9 +200,8 @@ def test_hypergradient_converges_to_implicit_gradient_on_a_contraction() -> None
 
     got = _flat(sr_hypergradient(model, x, delta, cfg, generator=torch.Generator().manual_seed(3)))
     torch.testing.assert_close(got, exact, atol=1e-9, rtol=1e-7)
-    short = _flat(
-        sr_hypergradient(model, x, delta, dataclasses.replace(cfg, fixed_point_steps=2), torch.Generator().manual_seed(3))
-    )
+    short_cfg = dataclasses.replace(cfg, fixed_point_steps=2)
+    short = _flat(sr_hypergradient(model, x, delta, short_cfg, torch.Generator().manual_seed(3)))
     assert (short - exact).abs().max() > 1e-5  # truncation error is visible at small K
 
     # And it is the true derivative of psi(theta) = L_out(delta*(theta), theta), the clean
@@ -257,7 +278,7 @@ def test_zero_is_a_stationary_point_and_the_default_init_is_not() -> None:
     init.requires_grad_(True)
     (g1,) = torch.autograd.grad(kl_shift(model, x, init), init)
     assert g1.abs().max() > 1e-6
-    assert float(kl_shift(model, x, synthesize_delta(model, x, cfg, seed=0))) > 0.1
+    assert kl_shift(model, x, synthesize_delta(model, x, cfg, seed=0)).item() > 0.1
     assert synthesize_delta(model, x, SRConfig(init_std=0.0), seed=0).shape == (1, 1, 4, 4)
 
 
@@ -410,5 +431,6 @@ def test_config_validation(kwargs: dict[str, float], field: str) -> None:
 
 def test_config_defaults_are_the_reference_ones() -> None:
     cfg = SRConfig()
-    assert (cfg.n_delta, cfg.delta_lr, cfg.fixed_point_steps, cfg.fixed_point_lr, cfg.portion) == (10, 0.1, 5, 0.1, 0.02)
+    got = (cfg.n_delta, cfg.delta_lr, cfg.fixed_point_steps, cfg.fixed_point_lr, cfg.portion)
+    assert got == (10, 0.1, 5, 0.1, 0.02)
     assert cfg.weight == 1.0 and cfg.eps is None and cfg.init_std == 1e-3 and cfg.delta_l2 == 0.0

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import yaml
 
-from tests.process_cleanup import stop_tagged, tagged_env, tagged_processes
+from tests.process_cleanup import ProcessScope, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
-    env, tag = tagged_env({"RAY_DEDUP_LOGS": "0"})
+    scope = ProcessScope()
     out = tmp_path / "outputs"
     cmd = [
         sys.executable, "-m", "abd_fl.cli",
@@ -28,11 +28,11 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
         f"output_dir={out}",
     ]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+        proc = subprocess.run(cmd, cwd=ROOT, env=scope.env(), capture_output=True, text=True, timeout=420)
     finally:
-        stop_tagged(tag)
+        survivors = scope.stop()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert tagged_processes(tag) == []
+    assert survivors == [], describe(survivors)
 
     run = (out / "latest").resolve()
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -188,7 +188,7 @@ def synthesize_delta(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int
             objective = _kl_to_target(model, x, delta, target)
             if cfg.delta_l2 > 0:
                 objective = objective - cfg.delta_l2 * delta.pow(2).sum()
-            (grad,) = torch.autograd.grad(objective, delta)
+            (grad,) = torch.autograd.grad(-objective, delta)
             delta.grad = grad
             opt.step()
             if cfg.eps is not None:
