@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from abd_fl.attacks import trigger_names
 from abd_fl.data import DATASET_NAMES
+from abd_fl.defense import DEFENSE_NAMES
 from abd_fl.distill import SYNTHESIZERS
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
@@ -51,6 +52,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.mode", strat["mode"], MODES)
     _choice("synthesizer", dist["synthesizer"], tuple(SYNTHESIZERS))
     _choice("simulation.partition", sim["partition"], PARTITION_SCHEMES)
+    _choice("defense", (cfg.get("defense") or {"name": "none"})["name"], DEFENSE_NAMES)
     device = str(cfg.get("device", "auto"))
     if not (device in DEVICES or device.startswith("cuda:")):
         raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")

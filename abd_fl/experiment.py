@@ -18,6 +18,7 @@ from torch import nn
 from abd_fl.attacks import Trigger, build_trigger, make_poisoned_test_set, poison_data
 from abd_fl.config import ConfigError
 from abd_fl.data import DatasetBundle, ImageData, load_dataset, partition_indices
+from abd_fl.defense import ABDDefense, abd_config_for
 from abd_fl.distill import DistillConfig, Synthesizer, build_synthesizer
 from abd_fl.models import build_model
 
@@ -126,3 +127,30 @@ def clean_kd_images(cfg: Mapping[str, Any], bundle: DatasetBundle) -> torch.Tens
     g = torch.Generator().manual_seed(int(cfg["seed"]))
     n = max(1, int(round(frac * len(bundle.train))))
     return bundle.train.images[torch.randperm(len(bundle.train), generator=g)[:n]]
+
+
+def distill_arms(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(role, defense name) of every student distilled each round; the first is the global model.
+
+    ``defense=abd`` gives ``abd_student`` (global) and, with ``compare_baseline``, the
+    undefended ``dfkd_student`` from the same teachers and start; ``ablation`` adds
+    ``sv_student`` and ``sr_student``.
+    """
+    d = cfg.get("defense") or {"name": "none"}
+    name = d["name"]
+    if name == "none":
+        return [("dfkd_student", "none")]
+    arms = [(f"{name}_student", name)]
+    if d.get("ablation", False):
+        arms += [(f"{v}_student", v) for v in ("sv", "sr") if v != name]
+    if d.get("compare_baseline", True):
+        arms.append(("dfkd_student", "none"))
+    return arms
+
+
+def build_defense(cfg: Mapping[str, Any], defense_name: str, seed: int) -> ABDDefense | None:
+    """The defense of one distillation arm (None for ``none``)."""
+    params = dict((cfg.get("defense") or {}).get("params") or {})
+    params["sr_config"] = dict(params.get("sr_config") or {})
+    abd_cfg = abd_config_for(defense_name, seed=seed, **params)
+    return None if abd_cfg is None else ABDDefense(abd_cfg)

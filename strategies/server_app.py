@@ -27,13 +27,16 @@ from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
     build_bundle,
+    build_defense,
     build_named_model,
     build_synthesizer_from_config,
     clean_kd_images,
+    distill_arms,
     distill_config,
     evaluation_sets,
     malicious_ids,
 )
+from abd_fl.defense import suspicion_auc
 from abd_fl.metrics import backdoor_metrics
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, markdown_table, plot_rounds, plot_summary, print_table
@@ -41,7 +44,7 @@ from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_b
 
 log = logging.getLogger("abd_fl")
 CONFIG_KEY = "abd-config"
-SUMMARY_ROLES = ("malicious_teacher", "benign_teachers", "ensemble", "fedavg", "dfkd_student")
+TEACHER_ROLES = ("malicious_teacher", "benign_teachers", "ensemble", "fedavg")
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +87,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "device": str(device)}})
     log.info("run directory: %s (malicious clients: %s)", run.path, mal_ids)
     sim = cfg["simulation"]
+    arms = distill_arms(cfg)
+    arm_defense = dict(arms)
 
     def client_model():
         return build_named_model(cfg, bundle, "client")
@@ -100,7 +105,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 teachers,
                 student,
                 build_synthesizer_from_config(cfg),
-                defense=None,
+                defense=build_defense(cfg, arm_defense[arm], seed=dcfg.seed),
                 config=dcfg,
                 device=device,
                 image_shape=bundle.train.shape,
@@ -125,10 +130,24 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             device,
         )
         timings = {**outcome.timings, "evaluate_s": time.perf_counter() - t0}
+        malicious = [i["malicious"] for i in outcome.teacher_info]
+        detection = {}
+        for arm, result in outcome.distill_results.items():
+            teachers_report = result.defense_report.get("teachers") or []
+            if teachers_report and all(t.get("searched") for t in teachers_report):
+                ratios = [t["tail_ratio"] for t in teachers_report]
+                detection[arm] = {
+                    "tail_ratio": ratios,
+                    "mean_score": [t["mean_score"] for t in teachers_report],
+                    "vaccine_found": [t["found"] for t in teachers_report],
+                    "auc_tail_ratio": suspicion_auc(ratios, malicious),
+                    "auc_neg_mean_score": suspicion_auc([-t["mean_score"] for t in teachers_report], malicious),
+                }
         record = {
             "round": outcome.server_round,
             **metrics,
             "teacher_info": outcome.teacher_info,
+            "detection": detection,
             "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
             "distill": {
                 arm: {"wall_s": r.wall_s, "defense_s": r.defense_s, "defense": r.defense_report, "history": r.history}
@@ -138,13 +157,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         }
         run.append_metrics(record)
         state.update(teachers=outcome.teachers, metrics=metrics)
-        log.info(
-            "round %d: student acc %.3f asr %.3f (floor %.3f)",
-            outcome.server_round,
-            metrics["dfkd_student"]["acc"],
-            metrics["dfkd_student"]["asr"],
-            metrics["dfkd_student"]["asr_floor"],
-        )
+        for arm, _ in arms:
+            m = metrics[arm]
+            log.info("round %d: %s acc %.3f asr %.3f (floor %.3f)", outcome.server_round, arm, m["acc"], m["asr"], m["asr_floor"])
 
     base = make_base_strategy(
         cfg["strategy"]["base"], cfg["strategy"].get("base_params"), int(sim["num_clients"]), float(cfg["strategy"]["fraction_train"])
@@ -154,7 +169,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         client_model,
         student_model,
         distill_fn,
-        arms=("dfkd_student",),
+        arms=tuple(arm for arm, _ in arms),
         mode=cfg["strategy"]["mode"],
         on_round=on_round,
     )
@@ -171,7 +186,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         evaluate_fn=evaluate_fn,
     )
 
-    summary: dict[str, Any] = {k: state["metrics"][k] for k in SUMMARY_ROLES if k in state.get("metrics", {})}
+    roles = TEACHER_ROLES + tuple(arm for arm, _ in arms)
+    summary: dict[str, Any] = {k: state["metrics"][k] for k in roles if k in state.get("metrics", {})}
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False) and state.get("teachers"):
         summary["clean_kd_reference"] = clean_kd_reference(cfg, bundle, state["teachers"], clean_test, poisoned_test, device)

@@ -11,7 +11,9 @@ passes it in. Three hook points, one per place the ABD paper acts (Sec. 4):
 3. ``add_student_gradient(student, x)`` -- an extra contribution to the student's
    gradient in the late phase of training, after the KD backward pass and before the
    optimizer step (Self-Retrospection, Algorithm 1). The loop starts a fresh student
-   optimizer at ``late_phase_lr`` when the late phase begins.
+   optimizer at ``late_phase_lr`` when the late phase begins. ``late_phase_fraction`` is
+   read every iteration, so a defense may switch the late phase on or off as it learns
+   (Algorithm 2 decides on SR only after the vaccine search).
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ class DistillDefense(Protocol):
     """Learning rate of the fresh student optimizer of the late phase (None = keep the optimizer)."""
 
     def on_distill_start(self, ctx: DistillContext) -> None:
-        """Called once before the first iteration (e.g. to search for a vaccine)."""
+        """Called once before the first iteration."""
+
+    def on_iteration(self, iteration: int) -> None:
+        """Called at the start of every iteration (e.g. to search for a vaccine after a warm-up)."""
 
     def generator_loss_term(self, x: torch.Tensor) -> torch.Tensor | None:
         """A scalar added to the generator's loss on synthetic batch ``x`` (None = nothing)."""
@@ -68,6 +73,9 @@ class NullDefense:
     late_phase_lr: float | None = None
 
     def on_distill_start(self, ctx: DistillContext) -> None:
+        return None
+
+    def on_iteration(self, iteration: int) -> None:
         return None
 
     def generator_loss_term(self, x: torch.Tensor) -> torch.Tensor | None:

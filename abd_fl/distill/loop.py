@@ -115,13 +115,19 @@ def distill(
     total_steps = max(1, cfg.iterations * cfg.student_steps)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cfg.cosine else None
-    late_start = _late_start(defense, cfg.iterations)
+    late_started = False
     history: list[dict[str, float]] = []
     for it in range(cfg.iterations):
-        in_late_phase = defense is not None and it >= late_start
-        if in_late_phase and it == late_start and defense.late_phase_lr is not None:
-            optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
-            scheduler = None
+        if defense is not None:
+            t0 = time.perf_counter()
+            defense.on_iteration(it)
+            defense_time += time.perf_counter() - t0
+        in_late_phase = defense is not None and it >= _late_start(defense, cfg.iterations)
+        if in_late_phase and not late_started:
+            late_started = True
+            if defense.late_phase_lr is not None:  # a fresh student optimizer at a small lr (ABD's SR)
+                optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
+                scheduler = None
         logs = synthesizer.generator_round(it)
         kd_total = 0.0
         for _ in range(cfg.student_steps):
