@@ -63,7 +63,12 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as err:
         print(f"abd-fl: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    run(resolved)
+    if resolved.get("runner", "federated") == "centralized":
+        from abd_fl.centralized import run_centralized
+
+        run_centralized(resolved)
+    else:
+        run(resolved)
 
 
 if __name__ == "__main__":

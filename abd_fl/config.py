@@ -53,6 +53,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("synthesizer", dist["synthesizer"], tuple(SYNTHESIZERS))
     _choice("simulation.partition", sim["partition"], PARTITION_SCHEMES)
     _choice("defense", (cfg.get("defense") or {"name": "none"})["name"], DEFENSE_NAMES)
+    _choice("runner", cfg.get("runner", "federated"), ("federated", "centralized"))
     device = str(cfg.get("device", "auto"))
     if not (device in DEVICES or device.startswith("cuda:")):
         raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")

@@ -58,9 +58,12 @@ def config_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
 def _progress_bar(enabled: bool, total: int, desc: str):
     if not enabled:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False)
+    # in a log file (not a terminal) a bar line every 30 s, not one per iteration
+    return tqdm(total=total, desc=desc, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
 
 def _configure_logging() -> None:

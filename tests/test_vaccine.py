@@ -12,8 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from abd_fl.attacks import build_trigger, make_poisoned_test_set, poison_data
-from abd_fl.data.digits import load_digits_bundle
 from abd_fl.defense.vaccine import (
     KL_FLOOR,
     ShuffledEnsemble,
@@ -31,7 +29,6 @@ from abd_fl.defense.vaccine import (
     vaccine_regularizer,
 )
 from abd_fl.models import MODEL_NAMES, build_model
-from abd_fl.train import train_classifier
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -350,23 +347,9 @@ def test_search_rejects_empty_batches() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits_setup() -> dict:
-    bundle = load_digits_bundle(image_size=16)
-    trigger = build_trigger("badnets_square", (1, 16, 16))
-    poisoned_train, _ = poison_data(bundle.train, trigger, 0.1, 0, seed=0)
-    triggered_test = make_poisoned_test_set(bundle.test, trigger, 0)
-    teachers = {}
-    for kind, data in (("poisoned", poisoned_train), ("clean", bundle.train)):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = build_model("cnn", 10, 1, bundle.mean, bundle.std)
-        train_classifier(model, data, epochs=8, lr=0.05, seed=0)
-        teachers[kind] = model
-    with torch.no_grad():
-        asr = (teachers["poisoned"](triggered_test.images).argmax(1) == 0).float().mean().item()
-        acc = (teachers["poisoned"](bundle.test.images).argmax(1) == bundle.test.labels).float().mean().item()
-    assert asr > 0.9 and acc > 0.9, (asr, acc)  # the backdoor is there
-    return {"clean_images": bundle.test.images, "triggered_images": triggered_test.images, **teachers}
+def digits_setup(poisoned_digits16: dict) -> dict:
+    """The shared backdoored / clean teachers of ``tests/conftest.py``."""
+    return poisoned_digits16
 
 
 def test_detection_auc_separates_triggered_samples(digits_setup: dict) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from abd_fl.defense.retrospection import SRConfig, add_sr_gradient
-from abd_fl.defense.vaccine import VaccineResult, kd_weights, search_vaccine, vaccine_mask, vaccine_regularizer
+from abd_fl.defense.vaccine import VaccineResult, search_vaccine, vaccine_mask, vaccine_regularizer, weights_from_mask
 from abd_fl.distill.hooks import DistillContext, NullDefense
 
 log = logging.getLogger("abd_fl")
@@ -198,13 +198,7 @@ class ABDDefense(NullDefense):
             for t, s in active:
                 flagged |= vaccine_mask(t(x), s(x))
             self._flag_rate.append(float(flagged.float().mean()))
-            # a 2-class logit pair whose argmax agreement is exactly ``flagged``
-            pseudo_t = torch.zeros(x.shape[0], 2, device=x.device)
-            pseudo_t[:, 0] = 1.0
-            pseudo_s = torch.zeros_like(pseudo_t)
-            pseudo_s[flagged, 0] = 1.0
-            pseudo_s[~flagged, 1] = 1.0
-            return kd_weights(pseudo_t, pseudo_s, self.cfg.weights, self.cfg.weight_alpha, self.cfg.weight_coef)
+        return weights_from_mask(flagged, self.cfg.weights, self.cfg.weight_alpha, self.cfg.weight_coef).to(x.device)
 
     def add_student_gradient(self, student: nn.Module, x: torch.Tensor) -> None:
         self._step += 1

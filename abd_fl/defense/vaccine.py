@@ -382,7 +382,16 @@ def kd_weights(
     """
     mask = vaccine_mask(teacher_logits.detach(), shuffled_logits.detach())
     dtype = teacher_logits.dtype if teacher_logits.is_floating_point() else torch.float32
-    phi = mask.to(dtype)
+    return weights_from_mask(mask, mode, alpha, coef).to(dtype)
+
+
+def weights_from_mask(mask: torch.Tensor, mode: str = "paper", alpha: float = 10.0, coef: float = 0.1) -> torch.Tensor:
+    """The weights of :func:`kd_weights` from a given flag mask ``phi`` (N,) bool.
+
+    With several teachers, each with its own vaccine, a sample is flagged when any
+    vaccinated teacher flags it (:class:`abd_fl.defense.ABDDefense`).
+    """
+    phi = mask.to(torch.float32)
     if mode == "paper":
         if not alpha > 0 or math.isinf(alpha):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
