@@ -17,20 +17,20 @@ import torch
 from abd_fl.attacks import poison_data
 from abd_fl.config import validate_config
 from abd_fl.device import resolve_device
-from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
+from abd_fl.distill import distill
 from abd_fl.experiment import (
     build_bundle,
     build_defense,
     build_named_model,
     build_synthesizer_from_config,
     build_trigger_from_config,
-    clean_kd_images,
     distill_arms,
+    distill_clean_kd_reference,
     distill_config,
     evaluation_sets,
 )
 from abd_fl.metrics import backdoor_metrics
-from abd_fl.results import RunDir, markdown_table, plot_summary, print_table
+from abd_fl.results import RunDir, finish_run
 from abd_fl.train import train_classifier
 
 log = logging.getLogger("abd_fl")
@@ -86,22 +86,10 @@ def run_centralized(cfg: dict[str, Any]) -> dict[str, Any]:
         log.info("%s: acc %.3f asr %.3f (floor %.3f)", arm, summary[arm]["acc"], summary[arm]["asr"], summary[arm]["asr_floor"])
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False):
-        student = build_named_model(cfg, bundle, "student")
-        distill(
-            [teacher], student, FixedDataSynthesizer(clean_kd_images(cfg, bundle)),
-            config=DistillConfig(
-                iterations=int(ref["iterations"]), student_steps=int(ref["student_steps"]),
-                batch_size=int(cfg["distill"]["batch_size"]), lr=float(cfg["distill"]["lr"]),
-                temperature=float(ref["temperature"]), seed=int(cfg["seed"]),
-            ),
-            device=device,
-        )
+        student = distill_clean_kd_reference(cfg, bundle, [teacher], device)
         summary["clean_kd_reference"] = metrics(student)
         run.append_metrics({"role": "clean_kd_reference", **summary["clean_kd_reference"]})
     summary["timings"] = timings
     summary["wall_s"] = time.perf_counter() - t_start
-    run.write_json("summary.json", summary)
-    run.write_text("results.md", markdown_table(summary))
-    plot_summary(summary, run.path)
-    print_table(summary, title=f"abd-fl centralized: {cfg.get('name')} ({run.path})")
+    finish_run(run, summary, title=f"abd-fl centralized: {cfg.get('name')} ({run.path})")
     return summary

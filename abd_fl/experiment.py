@@ -8,7 +8,6 @@ partitions, malicious set, trigger and models from the same config and seed.
 from __future__ import annotations
 
 import functools
-import json
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,13 +18,8 @@ from abd_fl.attacks import Trigger, build_trigger, make_poisoned_test_set, poiso
 from abd_fl.config import ConfigError
 from abd_fl.data import DatasetBundle, ImageData, load_dataset, partition_indices
 from abd_fl.defense import ABDDefense, abd_config_for
-from abd_fl.distill import DistillConfig, Synthesizer, build_synthesizer
+from abd_fl.distill import DistillConfig, FixedDataSynthesizer, Synthesizer, build_synthesizer, distill
 from abd_fl.models import build_model
-
-
-def config_key(cfg: Mapping[str, Any]) -> str:
-    """A stable string for caching per-config objects."""
-    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=4)
@@ -154,3 +148,28 @@ def build_defense(cfg: Mapping[str, Any], defense_name: str, seed: int) -> ABDDe
     params["sr_config"] = dict(params.get("sr_config") or {})
     abd_cfg = abd_config_for(defense_name, seed=seed, **params)
     return None if abd_cfg is None else ABDDefense(abd_cfg)
+
+
+def distill_clean_kd_reference(
+    cfg: Mapping[str, Any], bundle: DatasetBundle, teachers: list[nn.Module], device: torch.device | str
+) -> nn.Module:
+    """The clean-KD reference (the paper's "Clean KD"): a fresh student distilled from the
+    same teachers on ``clean_kd_reference.fraction`` of the clean training images, with the
+    data-free student's KD loss; only the inputs differ. A reference point, not a defense."""
+    ref = cfg["clean_kd_reference"]
+    student = build_named_model(cfg, bundle, "student")
+    distill(
+        teachers,
+        student,
+        FixedDataSynthesizer(clean_kd_images(cfg, bundle)),
+        config=DistillConfig(
+            iterations=int(ref["iterations"]),
+            student_steps=int(ref["student_steps"]),
+            batch_size=int(cfg["distill"]["batch_size"]),
+            lr=float(cfg["distill"]["lr"]),
+            temperature=float(ref["temperature"]),
+            seed=int(cfg["seed"]),
+        ),
+        device=device,
+    )
+    return student

@@ -23,15 +23,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from abd_fl.config import validate_config
 from abd_fl.device import resolve_device
-from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
+from abd_fl.distill import distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
     build_bundle,
     build_defense,
     build_named_model,
     build_synthesizer_from_config,
-    clean_kd_images,
     distill_arms,
+    distill_clean_kd_reference,
     distill_config,
     evaluation_sets,
     malicious_ids,
@@ -39,7 +39,7 @@ from abd_fl.experiment import (
 from abd_fl.defense import suspicion_auc
 from abd_fl.metrics import backdoor_metrics
 from abd_fl.paths import compose_config
-from abd_fl.results import RunDir, markdown_table, plot_rounds, plot_summary, print_table
+from abd_fl.results import RunDir, finish_run
 from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
 
 log = logging.getLogger("abd_fl")
@@ -193,36 +193,12 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {k: state["metrics"][k] for k in roles if k in state.get("metrics", {})}
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False) and state.get("teachers"):
-        summary["clean_kd_reference"] = clean_kd_reference(cfg, bundle, state["teachers"], clean_test, poisoned_test, device)
+        reference = distill_clean_kd_reference(cfg, bundle, state["teachers"], device)
+        summary["clean_kd_reference"] = backdoor_metrics(reference, clean_test, poisoned_test, target, device)
         run.append_metrics({"clean_kd_reference": summary["clean_kd_reference"]})
     summary["wall_s"] = time.perf_counter() - t_start
-    run.write_json("summary.json", summary)
-    run.write_text("results.md", markdown_table(summary))
-    plot_rounds(run.read_metrics(), run.path)
-    plot_summary(summary, run.path)
-    print_table(summary, title=f"abd-fl: {cfg.get('name')} ({run.path})")
+    finish_run(run, summary, title=f"abd-fl: {cfg.get('name')} ({run.path})")
     return summary
-
-
-def clean_kd_reference(cfg, bundle, teachers, clean_test, poisoned_test, device) -> dict[str, float]:
-    """KD from the same teachers on a fraction of the clean training data (the paper's Clean KD)."""
-    ref = cfg["clean_kd_reference"]
-    student = build_named_model(cfg, bundle, "student")
-    distill(
-        teachers,
-        student,
-        FixedDataSynthesizer(clean_kd_images(cfg, bundle)),
-        config=DistillConfig(
-            iterations=int(ref["iterations"]),
-            student_steps=int(ref["student_steps"]),
-            batch_size=int(cfg["distill"]["batch_size"]),
-            lr=float(cfg["distill"]["lr"]),
-            temperature=float(ref["temperature"]),
-            seed=int(cfg["seed"]),
-        ),
-        device=device,
-    )
-    return backdoor_metrics(student, clean_test, poisoned_test, int(cfg["attack"]["target_label"]), device)
 
 
 def build_server_app(cfg: dict[str, Any] | None = None) -> ServerApp:

@@ -1,0 +1,102 @@
+"""Issue-3 results: runs ``abd-fl`` over seeds and settings and writes a markdown table of
+mean and spread (min-max) of Acc / ASR / ASR floor per role, plus detection AUCs.
+
+    .venv/bin/python benchmarks/sweep.py central --seeds 0 1 2      # one poisoned teacher, ZSKT
+    .venv/bin/python benchmarks/sweep.py fl --seeds 0 1 2           # the FL default scenario
+    .venv/bin/python benchmarks/sweep.py ablation --seeds 0 1 2     # SV only / SR only / both, 2 triggers
+
+Each run is a real ``abd-fl`` invocation (Flower + Ray for ``fl``); results land in
+``outputs/sweeps/<name>/`` (every run's directory, and ``results.md``), written as they
+are produced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ROLES = ("malicious_teacher", "ensemble", "dfkd_student", "abd_student", "sv_student", "sr_student", "clean_kd_reference")
+
+SETTINGS = {
+    "central": [("badnets_square", ["experiment=central"])],
+    "fl": [("badnets_square", [])],
+    "ablation": [
+        (trigger, ["experiment=central", f"attack={trigger}", "defense.ablation=true"])
+        for trigger in ("badnets_square", "badnets_grid")
+    ],
+}
+
+
+def run_one(out: Path, label: str, overrides: list[str], seed: int) -> dict:
+    run_out = out / f"{label}-seed{seed}"
+    cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    summary = json.loads((run_out / "latest" / "summary.json").read_text())
+    summary["_wall_s"] = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (run_out / "latest" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    det = [m["detection"] for m in metrics if m.get("detection")]
+    if det:
+        summary["_detection"] = det[-1]
+    return summary
+
+
+def fmt(values: list[float]) -> str:
+    vals = [100 * v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})"
+
+
+def table(label: str, runs: list[dict]) -> str:
+    lines = [f"### {label} ({len(runs)} seeds; mean (min-max))", "", "| model | Acc % | ASR % | ASR floor % |", "|---|---:|---:|---:|"]
+    for role in ROLES:
+        if all(role in r for r in runs):
+            cells = [fmt([r[role][k] for r in runs]) for k in ("acc", "asr", "asr_floor")]
+            lines.append(f"| {role} | {' | '.join(cells)} |")
+    dets = [r["_detection"] for r in runs if "_detection" in r]
+    if dets:
+        for arm in dets[0]:
+            aucs = [d[arm]["auc_tail_ratio"] for d in dets if arm in d]
+            found = [sum(d[arm]["vaccine_found"]) for d in dets if arm in d]
+            lines.append(f"\nPer-client detection ({arm}): ROC AUC of the tail ratio vs. ground truth: "
+                         f"{', '.join('n/a' if a is None else f'{a:.2f}' for a in aucs)}; vaccines found per run: {found}")
+    walls = [r["_wall_s"] for r in runs]
+    lines.append(f"\nWall time per run: {statistics.mean(walls):.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("setting", choices=sorted(SETTINGS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args()
+    out = ROOT / "outputs" / "sweeps" / args.setting
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for label, overrides in SETTINGS[args.setting]:
+        runs = []
+        for seed in args.seeds:
+            runs.append(run_one(out, label, [*overrides, *args.overrides], seed))
+            (out / f"{label}-runs.json").write_text(json.dumps(runs, indent=1))
+        sections.append(table(f"{args.setting}: {label}", runs))
+        (out / "results.md").write_text("\n".join(sections))
+    cmd = f"python benchmarks/sweep.py {args.setting} --seeds {' '.join(map(str, args.seeds))} {' '.join(args.overrides)}".strip()
+    text = f"<!-- produced by: {cmd} -->\n" + "\n".join(sections)
+    (out / "results.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
