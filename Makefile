@@ -1,5 +1,5 @@
 # Two commands do all set-up: `make run` (default experiment) and `make test` (test suite).
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: run test test-slow install clean
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (abd-fl needs Python 3.11; set PYTHON=...)"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "error: no python3.11 or python3 found (abd-fl needs Python 3.11; set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: these wheels come from local disk here; an unpinned torch pulls a multi-GB download
