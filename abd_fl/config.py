@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from abd_fl.attacks import trigger_names
 from abd_fl.data import DATASET_NAMES
-from abd_fl.defense import DEFENSE_NAMES
+from abd_fl.defense import DEFENSE_NAMES, abd_config_for
 from abd_fl.distill import SYNTHESIZERS
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
@@ -52,7 +52,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.mode", strat["mode"], MODES)
     _choice("synthesizer", dist["synthesizer"], tuple(SYNTHESIZERS))
     _choice("simulation.partition", sim["partition"], PARTITION_SCHEMES)
-    _choice("defense", (cfg.get("defense") or {"name": "none"})["name"], DEFENSE_NAMES)
+    defense = cfg.get("defense") or {"name": "none"}
+    _choice("defense", defense["name"], DEFENSE_NAMES)
+    try:  # build the defense's settings now, so a bad value fails before any client trains
+        abd_config_for(defense["name"], **dict(defense.get("params") or {}))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"bad defense.params: {err}") from None
     _choice("runner", cfg.get("runner", "federated"), ("federated", "centralized"))
     device = str(cfg.get("device", "auto"))
     if not (device in DEVICES or device.startswith("cuda:")):
