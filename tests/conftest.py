@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 import torch
 
@@ -9,6 +11,15 @@ from abd_fl.attacks import build_trigger, make_poisoned_test_set, poison_data
 from abd_fl.data.digits import load_digits_bundle
 from abd_fl.models import build_model
 from abd_fl.train import train_classifier
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,7 @@ from abd_fl.distill import DistillConfig, FixedDataSynthesizer, ZSKTSynthesizer,
 from abd_fl.models import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _student(seed: int = 0) -> torch.nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -31,13 +30,7 @@ from abd_fl.defense.vaccine import (
 from abd_fl.models import MODEL_NAMES, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(name: str, seed: int = 0, in_channels: int = 1) -> nn.Module:
