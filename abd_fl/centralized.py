@@ -15,8 +15,6 @@ from typing import Any, Mapping
 import torch
 
 from abd_fl.attacks import poison_data
-from abd_fl.config import validate_config
-from abd_fl.device import resolve_device
 from abd_fl.distill import distill
 from abd_fl.experiment import (
     build_bundle,
@@ -27,9 +25,8 @@ from abd_fl.experiment import (
     distill_arms,
     distill_clean_kd_reference,
     distill_config,
-    evaluation_sets,
+    prepare_run,
 )
-from abd_fl.metrics import backdoor_metrics
 from abd_fl.results import RunDir, finish_run
 from abd_fl.train import train_classifier
 
@@ -56,17 +53,11 @@ def train_poisoned_teacher(cfg: Mapping[str, Any], device: torch.device) -> torc
 
 def run_centralized(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the centralized experiment; writes the same files as a federated run."""
-    validate_config(cfg)
     t_start = time.perf_counter()
-    device = resolve_device(str(cfg.get("device", "auto")))
-    bundle = build_bundle(cfg)
-    clean_test, poisoned_test = evaluation_sets(cfg, bundle)
-    target = int(cfg["attack"]["target_label"])
+    setup = prepare_run(cfg)
+    device, bundle, metrics = setup.device, setup.bundle, setup.metrics
     run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "central")))
     run.write_config({**cfg, "resolved": {"runner": "centralized", "device": str(device)}})
-
-    def metrics(model: torch.nn.Module) -> dict[str, float]:
-        return backdoor_metrics(model, clean_test, poisoned_test, target, device)
 
     teacher = train_poisoned_teacher(cfg, device)
     summary: dict[str, Any] = {"malicious_teacher": metrics(teacher)}

@@ -8,6 +8,7 @@ partitions, malicious set, trigger and models from the same config and seed.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -15,9 +16,11 @@ import torch
 from torch import nn
 
 from abd_fl.attacks import Trigger, build_trigger, make_poisoned_test_set, poison_data
-from abd_fl.config import ConfigError
+from abd_fl.config import ConfigError, validate_config
 from abd_fl.data import DatasetBundle, ImageData, load_dataset, partition_indices
 from abd_fl.defense import ABDDefense, abd_config_for
+from abd_fl.device import resolve_device
+from abd_fl.metrics import backdoor_metrics
 from abd_fl.distill import DistillConfig, FixedDataSynthesizer, Synthesizer, build_synthesizer, distill
 from abd_fl.models import build_model
 
@@ -173,3 +176,32 @@ def distill_clean_kd_reference(
         device=device,
     )
     return student
+
+
+@dataclass
+class RunSetup:
+    """What every runner (federated or centralized) derives from a config before it starts."""
+
+    device: torch.device
+    bundle: DatasetBundle
+    clean_test: ImageData
+    poisoned_test: ImageData
+    target: int
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        """Acc / ASR / ASR floor of ``model`` on the evaluation sets (reporting only)."""
+        return backdoor_metrics(model, self.clean_test, self.poisoned_test, self.target, self.device)
+
+
+def prepare_run(cfg: Mapping[str, Any]) -> RunSetup:
+    """Validate ``cfg`` and build the device, dataset and evaluation sets of a run."""
+    validate_config(cfg)
+    bundle = build_bundle(cfg)
+    clean_test, poisoned_test = evaluation_sets(cfg, bundle)
+    return RunSetup(
+        device=resolve_device(str(cfg.get("device", "auto"))),
+        bundle=bundle,
+        clean_test=clean_test,
+        poisoned_test=poisoned_test,
+        target=int(cfg["attack"]["target_label"]),
+    )

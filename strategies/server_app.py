@@ -17,27 +17,22 @@ import shlex
 import time
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from abd_fl.config import validate_config
-from abd_fl.device import resolve_device
 from abd_fl.distill import distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
-    build_bundle,
     build_defense,
     build_named_model,
     build_synthesizer_from_config,
     distill_arms,
     distill_clean_kd_reference,
     distill_config,
-    evaluation_sets,
     malicious_ids,
+    prepare_run,
 )
 from abd_fl.defense import suspicion_auc
-from abd_fl.metrics import backdoor_metrics
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
 from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
@@ -79,12 +74,10 @@ def _configure_logging() -> None:
 def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the whole federated experiment on ``grid``; returns the summary."""
     _configure_logging()
-    validate_config(cfg)
     t_start = time.perf_counter()
-    device = resolve_device(str(cfg.get("device", "auto")))
-    bundle = build_bundle(cfg)
-    clean_test, poisoned_test = evaluation_sets(cfg, bundle)
-    target = int(cfg["attack"]["target_label"])
+    setup = prepare_run(cfg)
+    device, bundle = setup.device, setup.bundle
+    clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
     mal_ids = malicious_ids(cfg)
     run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
     run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "device": str(device)}})
@@ -179,7 +172,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = load_arrays(student_model(), arrays)
-        return MetricRecord(backdoor_metrics(model, clean_test, poisoned_test, target, device))
+        return MetricRecord(setup.metrics(model))
 
     strategy.start(
         grid=grid,
@@ -194,7 +187,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False) and state.get("teachers"):
         reference = distill_clean_kd_reference(cfg, bundle, state["teachers"], device)
-        summary["clean_kd_reference"] = backdoor_metrics(reference, clean_test, poisoned_test, target, device)
+        summary["clean_kd_reference"] = setup.metrics(reference)
         run.append_metrics({"clean_kd_reference": summary["clean_kd_reference"]})
     summary["wall_s"] = time.perf_counter() - t_start
     finish_run(run, summary, title=f"abd-fl: {cfg.get('name')} ({run.path})")
@@ -207,7 +200,6 @@ def build_server_app(cfg: dict[str, Any] | None = None) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         resolved = cfg if cfg is not None else config_from_run_config(dict(context.run_config))
         run_server(grid, resolved)
 
