@@ -3,7 +3,8 @@ student by data-free KD (with and without a defense), beside clean KD on real da
 
 Uses the same config groups as the federated run (dataset, model, attack, distill,
 defense); ``model.client`` is the teacher, ``model.student`` the student, and the teacher
-is trained on the whole (poisoned) training set with ``simulation.local_*`` settings.
+is trained on the whole (poisoned) training set with ``simulation.local_*`` settings, or
+loaded from ``teacher_checkpoint`` (a user's pretrained, possibly poisoned, teacher).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from abd_fl.attacks import poison_data
+from abd_fl.checkpoints import load_teacher
 from abd_fl.distill import distill
 from abd_fl.experiment import (
     build_bundle,
@@ -51,15 +53,28 @@ def train_poisoned_teacher(cfg: Mapping[str, Any], device: torch.device) -> torc
     return teacher.eval()
 
 
+def central_teacher(cfg: Mapping[str, Any], device: torch.device) -> torch.nn.Module:
+    """The teacher of the centralized run: loaded from ``teacher_checkpoint`` when set
+    (same keys and shapes as ``model.client``), else trained by :func:`train_poisoned_teacher`."""
+    path = cfg.get("teacher_checkpoint")
+    if not path:
+        return train_poisoned_teacher(cfg, device)
+    teacher = build_named_model(cfg, build_bundle(cfg), "client")
+    load_teacher(teacher, path, model_name=str(cfg["model"]["client"]))
+    log.info("teacher loaded from %s", path)
+    return teacher.to(device).eval()
+
+
 def run_centralized(cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the centralized experiment; writes the same files as a federated run."""
     t_start = time.perf_counter()
     setup = prepare_run(cfg)
     device, bundle, metrics = setup.device, setup.bundle, setup.metrics
     run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "central")))
-    run.write_config({**cfg, "resolved": {"runner": "centralized", "device": str(device)}})
+    teacher_source = cfg.get("teacher_checkpoint") or "trained"
+    run.write_config({**cfg, "resolved": {"runner": "centralized", "device": str(device), "teacher": teacher_source}})
 
-    teacher = train_poisoned_teacher(cfg, device)
+    teacher = central_teacher(cfg, device)
     summary: dict[str, Any] = {"malicious_teacher": metrics(teacher)}
     run.append_metrics({"role": "malicious_teacher", **summary["malicious_teacher"]})
     timings: dict[str, float] = {}

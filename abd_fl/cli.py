@@ -1,9 +1,10 @@
 """``abd-fl``: the Hydra entry point (the one top-floor module of ``abd_fl``).
 
 Composes the experiment config (``configs/``, overridable from the command line, e.g.
-``abd-fl attack=blend simulation.num_clients=8``), validates it, and runs the ServerApp
-and ClientApp in Flower's simulation engine with the Ray backend (client resources and
-an optional existing Ray cluster address from ``simulation.*``).
+``abd-fl attack=blend simulation.num_clients=8``), validates it (teacher checkpoints
+included), and runs the ServerApp and ClientApp in Flower's simulation engine with the
+Ray backend (client resources and an optional existing Ray cluster address from
+``simulation.*``), or, by ``runner``, the centralized runner or ``train_teachers``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from abd_fl.checkpoints import CheckpointError
 from abd_fl.config import ConfigError, validate_config
+from abd_fl.experiment import check_teacher_checkpoints, with_absolute_checkpoint_paths
 from abd_fl.paths import configs_dir
 
 
@@ -60,13 +63,23 @@ def main(cfg: DictConfig) -> None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         validate_config(resolved)
+        resolved = with_absolute_checkpoint_paths(resolved)
+        check_teacher_checkpoints(resolved)
     except ConfigError as err:
         print(f"abd-fl: config error: {err}", file=sys.stderr)
         sys.exit(2)
-    if resolved.get("runner", "federated") == "centralized":
+    except CheckpointError as err:
+        print(f"abd-fl: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(2)
+    runner = resolved.get("runner", "federated")
+    if runner == "centralized":
         from abd_fl.centralized import run_centralized
 
         run_centralized(resolved)
+    elif runner == "train_teachers":
+        from abd_fl.teachers import run_train_teachers
+
+        run_train_teachers(resolved)
     else:
         run(resolved)
 

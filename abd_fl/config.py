@@ -6,9 +6,13 @@ typo in a Hydra override stops the run before Ray or Flower start.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, Mapping
 
 from abd_fl.attacks import trigger_names
+from abd_fl.attacks.schedule import ATTACKER_POOLS, schedule_from_config
+from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_checkpoint_paths
 from abd_fl.data import DATASET_NAMES
 from abd_fl.defense import DEFENSE_NAMES, abd_config_for
 from abd_fl.distill import SYNTHESIZERS
@@ -18,6 +22,9 @@ from abd_fl.models import MODEL_NAMES
 BASE_STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 MODES = ("one_shot", "multi_round")
 DEVICES = ("auto", "cpu", "cuda")
+RUNNERS = ("federated", "centralized", "train_teachers")
+TEACHER_SETS = ("central", "clients", "both")
+TEACHER_FORMATS = ("pt", "safetensors")
 
 
 class ConfigError(ValueError):
@@ -58,7 +65,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         abd_config_for(defense["name"], **dict(defense.get("params") or {}))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad defense.params: {err}") from None
-    _choice("runner", cfg.get("runner", "federated"), ("federated", "centralized"))
+    _choice("runner", cfg.get("runner", "federated"), RUNNERS)
     device = str(cfg.get("device", "auto"))
     if not (device in DEVICES or device.startswith("cuda:")):
         raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")
@@ -82,21 +89,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if ref.get("enabled", False):
         _number("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)
 
-    n = sim["num_clients"]
-    ids = attack.get("malicious_ids")
-    if ids is not None:
-        ids = list(ids)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
-        if bad or len(set(ids)) != len(ids):
-            raise ConfigError(
-                f"attack.malicious_ids must be distinct partition ids in [0, {n - 1}], got {ids}"
-            )
-    else:
-        _number("attack.num_malicious", attack["num_malicious"], 0, None, integer=True)
-        if attack["num_malicious"] > n:
-            raise ConfigError(
-                f"attack.num_malicious={attack['num_malicious']} is more than simulation.num_clients={n}"
-            )
+    _validate_attackers(cfg)
+    _validate_checkpoints(cfg)
     if strat["mode"] == "one_shot" and sim["rounds"] != 1:
         raise ConfigError(f"strategy.mode=one_shot runs exactly 1 round, got simulation.rounds={sim['rounds']}")
     if strat["mode"] == "multi_round" and model["client"] != model["student"]:
@@ -104,3 +98,117 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
             "strategy.mode=multi_round distils into the aggregated model, so model.student must equal "
             f"model.client, got student={model['student']} client={model['client']}"
         )
+
+
+def _optional(key: str, value: Any, low: float, integer: bool = False) -> None:
+    if value is not None:
+        _number(key, value, low, None, integer=integer)
+
+
+def _flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _validate_attackers(cfg: Mapping[str, Any]) -> None:
+    """Who attacks (count / fraction / ids, fixed or per-round pool), when (window), how
+    (local epochs / lr, model-replacement scale). Absent keys take their defaults."""
+    attack, sim = cfg["attack"], cfg["simulation"]
+    n = sim["num_clients"]
+    ids = attack.get("malicious_ids")
+    fraction = attack.get("malicious_fraction")
+    pool = attack.get("attacker_pool", "fixed")
+    _choice("attack.attacker_pool", pool, ATTACKER_POOLS)
+    if ids is not None:
+        ids = list(ids)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        if bad or len(set(ids)) != len(ids):
+            raise ConfigError(
+                f"attack.malicious_ids must be distinct partition ids in [0, {n - 1}], got {ids}"
+            )
+        if fraction is not None:
+            raise ConfigError(f"set attack.malicious_ids or attack.malicious_fraction, not both; got ids {ids} and fraction {fraction}")
+        if pool != "fixed":
+            raise ConfigError(f"attack.attacker_pool={pool} draws attackers every round; explicit attack.malicious_ids need attacker_pool=fixed")
+    elif fraction is not None:
+        _number("attack.malicious_fraction", fraction, 0.0, 1.0)
+    else:
+        _number("attack.num_malicious", attack["num_malicious"], 0, None, integer=True)
+        if attack["num_malicious"] > n:
+            raise ConfigError(
+                f"attack.num_malicious={attack['num_malicious']} is more than simulation.num_clients={n}"
+            )
+    start, every = attack.get("start_round", 1), attack.get("every", 1)
+    _number("attack.start_round", start, 1, None, integer=True)
+    if start > sim["rounds"]:
+        raise ConfigError(f"attack.start_round={start} is after the last round (simulation.rounds={sim['rounds']}): nobody would attack")
+    _number("attack.every", every, 1, None, integer=True)
+    _flag("attack.single_shot", attack.get("single_shot", False))
+    _optional("attack.local_epochs", attack.get("local_epochs"), 0, integer=True)
+    lr = attack.get("local_lr")
+    if lr is not None:
+        _number("attack.local_lr", lr, 0.0, None)
+        if not 0 < lr < math.inf:
+            raise ConfigError(f"attack.local_lr must be a finite number > 0 or null (= simulation.local_lr), got {lr!r}")
+    scale = attack.get("scale", 1.0)
+    _number("attack.scale", scale)
+    if not 0 < scale < math.inf:
+        raise ConfigError(f"attack.scale must be a finite number > 0 (1 = no scaling), got {scale!r}")
+
+
+def _checkpoint_file(key: str, path: Any) -> None:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key} must be a file path, got {path!r}")
+    p = Path(path)
+    if p.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise ConfigError(f"{key} '{path}' has unsupported extension '{p.suffix}'; use one of: {', '.join(CHECKPOINT_SUFFIXES)}")
+    if not p.is_file():
+        raise ConfigError(f"{key}: teacher checkpoint not found: '{path}'")
+
+
+def _validate_checkpoints(cfg: Mapping[str, Any]) -> None:
+    """Teacher checkpoints (files exist, ids attack at least once) and the teachers runner.
+    The files' contents are checked when a run is prepared (``check_teacher_checkpoints``)."""
+    runner = cfg.get("runner", "federated")
+    central = cfg.get("teacher_checkpoint")
+    if central is not None:
+        if runner != "centralized":
+            raise ConfigError(
+                f"teacher_checkpoint is for runner=centralized, got runner={runner} "
+                "(federated clients take theirs from attack.teacher_checkpoints)"
+            )
+        _checkpoint_file("teacher_checkpoint", central)
+    spec = cfg["attack"].get("teacher_checkpoints")
+    if spec is not None:
+        if runner != "federated":
+            raise ConfigError(f"attack.teacher_checkpoints is for runner=federated, got runner={runner} (centralized: teacher_checkpoint)")
+        n = cfg["simulation"]["num_clients"]
+        try:
+            paths = client_checkpoint_paths(spec, n)
+        except CheckpointError as err:
+            raise ConfigError(str(err)) from None
+        for pid, path in sorted(paths.items()):
+            _checkpoint_file(f"attack.teacher_checkpoints[{pid}]", str(path))
+        schedule = schedule_from_config(cfg["attack"], int(n), int(cfg["seed"]))
+        ever = schedule.ever_malicious(int(cfg["simulation"]["rounds"]))
+        idle = sorted(set(paths) - set(ever))
+        if idle and not isinstance(spec, str):
+            raise ConfigError(
+                f"attack.teacher_checkpoints names partition ids {idle} that never attack in this run; "
+                f"malicious clients: {ever} (attack.malicious_ids chooses them)"
+            )
+        if isinstance(spec, str) and ever and not set(paths) & set(ever):
+            raise ConfigError(
+                f"attack.teacher_checkpoints folder '{spec}' has files for clients {sorted(paths)} but none for the "
+                f"malicious clients {ever} (attack.malicious_ids chooses them)"
+            )
+    teachers = cfg.get("teachers") or {}
+    _choice("teachers.which", teachers.get("which", "both"), TEACHER_SETS)
+    _choice("teachers.format", teachers.get("format", "pt"), TEACHER_FORMATS)
+    if runner == "train_teachers" and teachers.get("which", "both") == "clients":
+        n = cfg["simulation"]["num_clients"]
+        if not schedule_from_config(cfg["attack"], int(n), int(cfg["seed"])).ever_malicious(int(cfg["simulation"]["rounds"])):
+            raise ConfigError("teachers.which=clients trains one teacher per malicious client, but the attack config has none")
+    out = teachers.get("out")
+    if out is not None and (not isinstance(out, str) or not out):
+        raise ConfigError(f"teachers.out must be a folder path or null (= the run directory), got {out!r}")

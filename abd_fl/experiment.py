@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from abd_fl.attacks import Trigger, build_trigger, make_poisoned_test_set, poison_data
+from abd_fl.attacks.schedule import AttackSchedule, scale_update, schedule_from_config
+from abd_fl.checkpoints import CheckpointError, client_checkpoint_paths, load_teacher
 from abd_fl.config import ConfigError, validate_config
 from abd_fl.data import DatasetBundle, ImageData, load_dataset, partition_indices
 from abd_fl.defense import ABDDefense, abd_config_for
@@ -23,6 +26,7 @@ from abd_fl.device import resolve_device
 from abd_fl.metrics import backdoor_metrics
 from abd_fl.distill import DistillConfig, FixedDataSynthesizer, Synthesizer, build_synthesizer, distill
 from abd_fl.models import build_model
+from abd_fl.train import train_classifier
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,16 +56,63 @@ def client_partitions(cfg: Mapping[str, Any], bundle: DatasetBundle) -> list[np.
     )
 
 
+def attack_schedule(cfg: Mapping[str, Any]) -> AttackSchedule:
+    """Who attacks in which round (``attack`` keys; absent keys take their defaults)."""
+    n = int(cfg["simulation"]["num_clients"])
+    try:
+        return schedule_from_config(cfg["attack"], n, int(cfg["seed"]))
+    except ValueError as err:
+        raise ConfigError(f"bad attack settings: {err} (simulation.num_clients={n})") from None
+
+
 def malicious_ids(cfg: Mapping[str, Any]) -> list[int]:
-    """Partition ids of the malicious clients: explicit ids, or ``num_malicious`` sampled with the seed."""
-    attack, n = cfg["attack"], int(cfg["simulation"]["num_clients"])
-    if attack.get("malicious_ids") is not None:
-        return sorted(int(i) for i in attack["malicious_ids"])
-    count = int(attack["num_malicious"])
-    if count > n:
-        raise ConfigError(f"attack.num_malicious={count} is more than simulation.num_clients={n}")
-    rng = np.random.default_rng(int(cfg["seed"]) + 7919)
-    return sorted(int(i) for i in rng.choice(n, size=count, replace=False))
+    """Partition ids of the malicious clients: the fixed pool (explicit ids, or a count /
+    fraction sampled with the seed) or, with ``attacker_pool=per_round``, every client that
+    attacks in at least one round of the run. Who attacks in a given round: :func:`attackers`."""
+    return attack_schedule(cfg).ever_malicious(int(cfg["simulation"]["rounds"]))
+
+
+def attackers(cfg: Mapping[str, Any], server_round: int) -> list[int]:
+    """Partition ids of the clients that attack in ``server_round`` (empty outside the window)."""
+    return attack_schedule(cfg).attackers(server_round)
+
+
+def teacher_checkpoint_paths(cfg: Mapping[str, Any]) -> dict[int, Path]:
+    """``{partition id: file}`` of the clients that send a pretrained teacher when they attack."""
+    try:
+        return client_checkpoint_paths(cfg["attack"].get("teacher_checkpoints"), int(cfg["simulation"]["num_clients"]))
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+
+
+def with_absolute_checkpoint_paths(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` whose teacher-checkpoint paths are absolute (taken from the current
+    directory), so Ray's client processes find the same files."""
+    out = dict(cfg)
+    if out.get("teacher_checkpoint"):
+        out["teacher_checkpoint"] = str(Path(out["teacher_checkpoint"]).expanduser().resolve())
+    spec = cfg["attack"].get("teacher_checkpoints")
+    if spec is not None:
+        if isinstance(spec, str):
+            spec = str(Path(spec).expanduser().resolve())
+        elif isinstance(spec, Mapping):
+            spec = {k: str(Path(str(v)).expanduser().resolve()) for k, v in spec.items()}
+        out["attack"] = {**cfg["attack"], "teacher_checkpoints": spec}
+    return out
+
+
+def check_teacher_checkpoints(cfg: Mapping[str, Any]) -> None:
+    """Open every teacher checkpoint of ``cfg`` and fit it to its model (raises
+    :class:`~abd_fl.checkpoints.CheckpointError`), so a bad file stops the run before any
+    client trains."""
+    paths = list(teacher_checkpoint_paths(cfg).values())
+    if cfg.get("teacher_checkpoint"):
+        paths.append(Path(cfg["teacher_checkpoint"]))
+    if not paths:
+        return
+    bundle = build_bundle(cfg)
+    for path in paths:
+        load_teacher(build_named_model(cfg, bundle, "client"), path, model_name=cfg["model"]["client"])
 
 
 def build_trigger_from_config(cfg: Mapping[str, Any], bundle: DatasetBundle) -> Trigger:
@@ -69,15 +120,19 @@ def build_trigger_from_config(cfg: Mapping[str, Any], bundle: DatasetBundle) -> 
     return build_trigger(attack["trigger"], bundle.train.shape, seed=int(cfg["seed"]), **dict(attack.get("trigger_params") or {}))
 
 
-def client_train_data(cfg: Mapping[str, Any], partition_id: int) -> tuple[ImageData, bool]:
-    """The local training set of client ``partition_id`` (poisoned if it is malicious)."""
+def client_train_data(
+    cfg: Mapping[str, Any], partition_id: int, server_round: int = 1, attacking: bool | None = None
+) -> tuple[ImageData, bool]:
+    """The local training set of client ``partition_id`` in ``server_round`` (poisoned when
+    it attacks in that round, or when ``attacking`` forces it) and whether it attacks."""
     bundle = build_bundle(cfg)
     parts = client_partitions(cfg, bundle)
     if not 0 <= partition_id < len(parts):
         raise ConfigError(f"partition-id {partition_id} out of range [0, {len(parts) - 1}]")
     data = bundle.train.subset(parts[partition_id])
-    is_malicious = partition_id in malicious_ids(cfg)
-    if is_malicious and cfg["attack"]["poison_rate"] > 0:
+    if attacking is None:
+        attacking = attack_schedule(cfg).attacks(partition_id, server_round)
+    if attacking and cfg["attack"]["poison_rate"] > 0:
         data, _ = poison_data(
             data,
             build_trigger_from_config(cfg, bundle),
@@ -86,7 +141,99 @@ def client_train_data(cfg: Mapping[str, Any], partition_id: int) -> tuple[ImageD
             seed=int(cfg["seed"]) + partition_id,
             num_classes=bundle.num_classes,
         )
-    return data, is_malicious
+    return data, attacking
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after one round of local work."""
+
+    model: nn.Module  # the weights to send (scaled when the attacker scales its update)
+    data: ImageData  # the local training set of this round (poisoned when attacking)
+    malicious: bool  # attacked in this round
+    stats: dict[str, float]  # train loss / accuracy (of the loaded teacher on ``data`` for a checkpoint)
+    from_checkpoint: bool = False
+
+
+def local_training_settings(cfg: Mapping[str, Any], attacking: bool) -> tuple[int, float]:
+    """(local epochs, local lr): ``attack.local_epochs`` / ``attack.local_lr`` for an
+    attacking client when set, else ``simulation.local_*``."""
+    sim, attack = cfg["simulation"], cfg["attack"]
+    epochs, lr = int(sim["local_epochs"]), float(sim["local_lr"])
+    if attacking:
+        if attack.get("local_epochs") is not None:
+            epochs = int(attack["local_epochs"])
+        if attack.get("local_lr") is not None:
+            lr = float(attack["local_lr"])
+    return epochs, lr
+
+
+@torch.no_grad()
+def _loss_and_accuracy(model: nn.Module, data: ImageData, device: torch.device | str) -> dict[str, float]:
+    model.to(device).eval()
+    logits = torch.cat([model(data.images[i : i + 1024].to(device)).cpu() for i in range(0, len(data), 1024)])
+    return {
+        "loss": float(torch.nn.functional.cross_entropy(logits, data.labels)),
+        "accuracy": float((logits.argmax(1) == data.labels).float().mean()),
+    }
+
+
+def train_local_model(
+    cfg: Mapping[str, Any],
+    partition_id: int,
+    data: ImageData,
+    attacking: bool,
+    global_state: Mapping[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict[str, float]]:
+    """Client ``partition_id``'s local training on ``data`` from ``global_state`` (the
+    attacker's epochs / lr when ``attacking``); returns the model and its training stats."""
+    model = build_named_model(cfg, build_bundle(cfg), "client")
+    model.load_state_dict(global_state)
+    epochs, lr = local_training_settings(cfg, attacking)
+    stats = train_classifier(
+        model,
+        data,
+        epochs=epochs,
+        lr=lr,
+        batch_size=int(cfg["simulation"]["local_batch_size"]),
+        device=device,
+        seed=int(cfg["seed"]) * 1000 + partition_id,
+    )
+    return model, stats
+
+
+def client_update(
+    cfg: Mapping[str, Any],
+    partition_id: int,
+    server_round: int,
+    global_state: Mapping[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+) -> ClientUpdate:
+    """One client's local work in ``server_round``, starting from ``global_state``.
+
+    A benign client (or a malicious one outside the attack window) trains on clean data
+    with ``simulation.local_*``. An attacking client trains on its poisoned data with the
+    attacker's epochs / lr, or, when ``attack.teacher_checkpoints`` names it, sends the
+    pretrained teacher from its file instead; either way its update is then scaled by
+    ``attack.scale`` (model replacement; trainable parameters only, BatchNorm running
+    statistics are sent as they are).
+    """
+    data, attacking = client_train_data(cfg, partition_id, server_round)
+    checkpoint = teacher_checkpoint_paths(cfg).get(partition_id) if attacking else None
+    if checkpoint is not None:
+        model = build_named_model(cfg, build_bundle(cfg), "client")
+        load_teacher(model, checkpoint, model_name=cfg["model"]["client"])
+        stats = _loss_and_accuracy(model, data, device)
+    else:
+        model, stats = train_local_model(cfg, partition_id, data, attacking, global_state, device)
+    scale = float(cfg["attack"].get("scale", 1.0))
+    if attacking and scale != 1.0:
+        params = [name for name, _ in model.named_parameters()]
+        reference = {k: v.detach().to("cpu") for k, v in global_state.items()}
+        local = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+        model.load_state_dict(scale_update(reference, local, scale, keys=params))
+    return ClientUpdate(model.eval(), data, attacking, stats, from_checkpoint=checkpoint is not None)
 
 
 def build_named_model(cfg: Mapping[str, Any], bundle: DatasetBundle, role: str, seed: int | None = None) -> nn.Module:
@@ -194,8 +341,9 @@ class RunSetup:
 
 
 def prepare_run(cfg: Mapping[str, Any]) -> RunSetup:
-    """Validate ``cfg`` and build the device, dataset and evaluation sets of a run."""
+    """Validate ``cfg`` (teacher checkpoints included) and build the device, dataset and evaluation sets of a run."""
     validate_config(cfg)
+    check_teacher_checkpoints(cfg)
     bundle = build_bundle(cfg)
     clean_test, poisoned_test = evaluation_sets(cfg, bundle)
     return RunSetup(

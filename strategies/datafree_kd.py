@@ -102,6 +102,7 @@ class DataFreeKD(Strategy):
             return []
         if self.mode == "one_shot":
             arrays = ArrayRecord(self.client_model_fn().state_dict())  # clients start from the client architecture
+        config["server-round"] = server_round  # clients' attack schedules need it, whatever the base strategy sends
         return self.base.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from abd_fl.distill import distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
+    attack_schedule,
     build_defense,
     build_named_model,
     build_synthesizer_from_config,
@@ -78,11 +79,12 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     setup = prepare_run(cfg)
     device, bundle = setup.device, setup.bundle
     clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
-    mal_ids = malicious_ids(cfg)
-    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
-    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "device": str(device)}})
-    log.info("run directory: %s (malicious clients: %s)", run.path, mal_ids)
     sim = cfg["simulation"]
+    mal_ids = malicious_ids(cfg)
+    schedule = attack_schedule(cfg).by_round(int(sim["rounds"]))
+    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
+    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
+    log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
     arms = distill_arms(cfg)
     arm_defense = dict(arms)
 
@@ -143,6 +145,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             "round": outcome.server_round,
             **metrics,
             "teacher_info": outcome.teacher_info,
+            "attackers": [i["partition_id"] for i in outcome.teacher_info if i["malicious"]],
             "detection": detection,
             "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
             "distill": {

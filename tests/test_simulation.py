@@ -25,6 +25,8 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
         "simulation.rounds=2",
         "simulation.num_clients=3",
         "attack.num_malicious=1",
+        "attack.attacker_pool=per_round",  # the attacker is drawn afresh each round ...
+        "attack.scale=2.0",  # ... and scales its update (model replacement)
         f"output_dir={out}",
     ]
     try:
@@ -38,6 +40,11 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [x for x in lines if "round" in x]
     assert [x["round"] for x in rounds] == [1, 2]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    planned = {int(r): ids for r, ids in cfg["resolved"]["attackers_by_round"].items()}
+    for rec in rounds:  # the clients' per-round `malicious` flags match the schedule the server planned
+        assert rec["attackers"] == planned[rec["round"]] and len(planned[rec["round"]]) == 1
+        assert [i["partition_id"] for i in rec["teacher_info"] if i["malicious"]] == rec["attackers"]
     for rec in rounds:
         assert len(rec["teachers"]) == 3 and len(rec["teacher_info"]) == 3
         assert sum(i["malicious"] for i in rec["teacher_info"]) == 1
@@ -49,7 +56,6 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
     for role in ("malicious_teacher", "benign_teachers", "ensemble", "fedavg", "dfkd_student", "clean_kd_reference"):
         assert set(summary[role]) == {"acc", "asr", "asr_floor"}
     assert summary["wall_s"] > 0
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["simulation"]["rounds"] == 2 and cfg["strategy"]["mode"] == "multi_round"
     assert (run / "acc.png").stat().st_size > 0 and (run / "asr.png").stat().st_size > 0
     assert "data-free KD student" in (run / "results.md").read_text()

@@ -51,6 +51,10 @@ def poison_data(
     from the whole set get the trigger and label ``target_label``. Clean-label triggers
     (``trigger.clean_label``): ``round(poison_rate * n_target)`` target-class samples get the
     trigger and keep their label. ``data`` itself is never modified.
+
+    The chosen images are poisoned with ``trigger.prepare_poison`` (their true labels, the
+    whole of ``data`` as the attacker's pool, ``num_classes`` and ``seed``): the test-time
+    trigger for most attacks, adversarial perturbation plus trigger for CL.
     """
     if isinstance(poison_rate, bool) or not isinstance(poison_rate, numbers.Real):
         raise ValueError(f"poison_rate must be a number in [0, 1], got {poison_rate!r}")
@@ -73,7 +77,9 @@ def poison_data(
     labels = data.labels.clone()
     if count:
         idx = torch.from_numpy(chosen).to(images.device)
-        images[idx] = trigger.apply(images[idx])
+        images[idx] = trigger.prepare_poison(
+            images[idx], data.labels[idx.to(data.labels.device)], num_classes=num_classes, seed=seed, pool=data
+        )
         if not trigger.clean_label:
             labels[idx.to(labels.device)] = target
     return ImageData(images, labels), chosen
@@ -83,6 +89,8 @@ def make_poisoned_test_set(test: ImageData, trigger: Trigger, target_label: int)
     """Every test image whose label != ``target_label``, with the trigger and label ``target_label``.
 
     This is the paper's ASR evaluation set (the fraction of it classified as the target).
+    Only the test-time trigger ``trigger.apply`` is used (never ``prepare_poison``), also for
+    clean-label attacks.
     """
     target = _check_target(target_label, None)
     _check_shape(test, trigger)
