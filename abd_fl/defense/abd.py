@@ -204,7 +204,10 @@ class ABDDefense(NullDefense):
         self._step += 1
         if (self._step - 1) % self.cfg.sr_every:
             return
-        self._sr_logs.append(add_sr_gradient(student, x, self.cfg.sr_config, seed=self.cfg.seed * 7919 + self._step))
+        self._sr_logs.append(add_sr_gradient(
+            student, x, self.cfg.sr_config, seed=self.cfg.seed * 7919 + self._step,
+            teacher=self.ctx.ensemble if self.ctx is not None else None,
+        ))
 
     # ---- what happened ---------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -67,6 +67,10 @@ from torch import nn
 from abd_fl.distill.losses import kd_kl_per_sample
 
 
+BN_MODES = ("eval", "batch")
+DELTA_SOURCES = ("student", "teacher")
+
+
 @dataclass
 class SRConfig:
     """Hyper-parameters of Self-Retrospection (ABD paper Sec. 4.2, Algorithm 1).
@@ -93,6 +97,14 @@ class SRConfig:
     """Std of the Gaussian start of delta (0 = zeros as the reference: a stationary point; see module doc)."""
     delta_l2: float = 0.0
     """Weight of the ``-delta_l2 * ||delta||^2`` term in the inner objective (reference: 1e-3)."""
+    delta_source: str = "student"
+    """Model whose output shift ``delta`` maximises: ``student`` (the paper's Algorithm 1) or
+    ``teacher`` (the reference's ``sup_pert_model=teacher`` option: the teachers' own most
+    disruptive universal perturbation, a stand-in for their trigger). The hypergradient is
+    always the student's."""
+    bn_mode: str = "eval"
+    """BatchNorm during SR: ``eval`` (running statistics) or ``batch`` (batch statistics, as the
+    reference's train-mode student; running statistics are left unchanged either way)."""
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -121,20 +133,39 @@ class SRConfig:
             raise ValueError(f"SRConfig.eps must be None or a finite number > 0, got {self.eps!r}")
         if not is_num(self.init_std) or self.init_std < 0:
             raise ValueError(f"SRConfig.init_std must be a finite number >= 0, got {self.init_std!r}")
+        if self.delta_source not in DELTA_SOURCES:
+            raise ValueError(f"SRConfig.delta_source must be one of {', '.join(DELTA_SOURCES)}, got {self.delta_source!r}")
+        if self.bn_mode not in BN_MODES:
+            raise ValueError(f"SRConfig.bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}")
         if not is_num(self.delta_l2) or self.delta_l2 < 0:
             raise ValueError(f"SRConfig.delta_l2 must be a finite number >= 0, got {self.delta_l2!r}")
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own previous mode on exit."""
+def _eval_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own previous mode on exit.
+
+    With ``bn_mode="batch"`` the BatchNorm layers instead normalise with the statistics of
+    the batch they see (train mode) while their running statistics stay untouched
+    (momentum 0 for the duration); everything else (dropout) is still in eval mode.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
     model.eval()
+    if bn_mode == "batch":
+        for m in norms:
+            m.train()
+            m.momentum = 0.0
     try:
         yield
     finally:
         for m, training in modes:
             m.training = training
+        for m, momentum, tracked in momenta:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def _kl_to_target(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -181,7 +212,7 @@ def synthesize_delta(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int
         delta = delta.clamp(-cfg.eps, cfg.eps)
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=cfg.delta_lr)
-    with torch.enable_grad(), _eval_mode(model):
+    with torch.enable_grad(), _eval_mode(model, cfg.bn_mode):
         with torch.no_grad():
             target = model(x)
         for _ in range(cfg.n_delta):
@@ -210,13 +241,17 @@ def _hypergradient(
     params = [p for p in model.parameters() if p.requires_grad]
     x = x.detach()
     idx = _outer_indices(x.shape[0], cfg.portion, generator).to(x.device)
-    with torch.enable_grad(), _eval_mode(model):
+    with torch.enable_grad(), _eval_mode(model, cfg.bn_mode):
         d = delta.detach().to(device=x.device, dtype=x.dtype).clone().requires_grad_(True)
         with torch.no_grad():
             target = model(x)
 
-        # Outer loss on the random portion: g_d = dL_out/ddelta, g_t = dL_out/dtheta.
-        l_out = _kl_to_target(model, x[idx], d, target[idx])
+        # Outer loss on the random portion: g_d = dL_out/ddelta, g_t = dL_out/dtheta. The whole
+        # batch goes through the model with delta patched onto the portion only, so batch
+        # statistics (bn_mode="batch") are those of the batch, as in the reference.
+        patch = torch.zeros((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        patch[idx] = 1.0
+        l_out = kd_kl_per_sample(model(x + patch * d), target)[idx].mean()
         g_out = torch.autograd.grad(l_out, [d, *params], allow_unused=True)
         g_d = g_out[0] if g_out[0] is not None else torch.zeros_like(d)
         g_t = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_out[1:], params)]
@@ -271,7 +306,9 @@ def sr_hypergradient(
     return hyper
 
 
-def add_sr_gradient(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int | None = None) -> dict[str, float]:
+def add_sr_gradient(
+    model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int | None = None, teacher: nn.Module | None = None
+) -> dict[str, float]:
     """Algorithm 1's extra term (ABD paper Sec. 4.2): add ``cfg.weight * grad psi`` to ``.grad``.
 
     Call after the KD loss' ``backward()`` and before ``optimizer.step()``. Synthesises
@@ -281,11 +318,16 @@ def add_sr_gradient(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int 
     given (else the global RNG), and adds it, scaled by ``cfg.weight``, into every trainable
     parameter's ``.grad`` (created when None). Model mode and BN statistics are unchanged.
 
+    With ``cfg.delta_source == "teacher"``, ``delta`` maximises the shift of ``teacher``'s
+    output instead (the reference's option); the hypergradient is still the student's.
+
     Returns logs: ``sr_kl`` (``kl_shift`` on the full batch at ``delta``), ``sr_delta_norm``
     (L2 norm of ``delta``), ``sr_delta_linf`` and ``sr_hypergrad_norm`` (L2 norm of the
     unscaled hypergradient over all parameters).
     """
-    delta = synthesize_delta(model, x, cfg, seed=seed)
+    if cfg.delta_source == "teacher" and teacher is None:
+        raise ValueError("SRConfig.delta_source='teacher' needs the teacher model")
+    delta = synthesize_delta(teacher if cfg.delta_source == "teacher" else model, x, cfg, seed=seed)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     hyper, kl_value = _hypergradient(model, x, delta, cfg, generator)
     params = [p for p in model.parameters() if p.requires_grad]
