@@ -64,7 +64,7 @@ class ABDConfig:
     weight_coef: float = 0.1
     downweight_suspicious: bool = False
     downweight_factor: float = 0.1
-    sr_fraction: float = 0.1
+    sr_fraction: float = 0.04
     sr_lr: float = 2e-4
     sr_every: int = 1
     sr_config: SRConfig = field(default_factory=SRConfig)
