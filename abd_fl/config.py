@@ -15,12 +15,16 @@ from abd_fl.attacks.schedule import ATTACKER_POOLS, schedule_from_config
 from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_checkpoint_paths
 from abd_fl.data import DATASET_NAMES
 from abd_fl.defense import DEFENSE_NAMES, abd_config_for
-from abd_fl.distill import SYNTHESIZERS
+from abd_fl.distill import SYNTHESIZERS, build_synthesizer
+from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
 
 BASE_STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 MODES = ("one_shot", "multi_round")
+PRESET_MODES = {"dense": "one_shot", "fedftg": "multi_round", "feddf": "multi_round", "fedgen": "multi_round"}
+"""The FL algorithms offered as ``strategy=<name>`` presets, each with the mode it is defined by."""
+STRATEGY_NAMES = BASE_STRATEGIES + tuple(PRESET_MODES)
 DEVICES = ("auto", "cpu", "cuda")
 RUNNERS = ("federated", "centralized", "train_teachers")
 TEACHER_SETS = ("central", "clients", "both")
@@ -57,7 +61,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("trigger", attack["trigger"], trigger_names())
     _choice("strategy.base", strat["base"], BASE_STRATEGIES)
     _choice("strategy.mode", strat["mode"], MODES)
+    _validate_strategy_preset(strat)
     _choice("synthesizer", dist["synthesizer"], tuple(SYNTHESIZERS))
+    try:  # each synthesizer checks its parameters (ood: reads its image file) when built
+        build_synthesizer(dist["synthesizer"], **dict(dist.get("synthesizer_params") or {}))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     _choice("simulation.partition", sim["partition"], PARTITION_SCHEMES)
     defense = cfg.get("defense") or {"name": "none"}
     _choice("defense", defense["name"], DEFENSE_NAMES)
@@ -98,6 +107,22 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
             "strategy.mode=multi_round distils into the aggregated model, so model.student must equal "
             f"model.client, got student={model['student']} client={model['client']}"
         )
+
+
+def _validate_strategy_preset(strat: Mapping[str, Any]) -> None:
+    """``strategy.name`` (absent in older files: the base's name), the preset's mode, FedGen's settings."""
+    name = strat.get("name") or strat["base"]
+    _choice("strategy.name", name, STRATEGY_NAMES)
+    mode = PRESET_MODES.get(name)
+    if mode is not None and strat["mode"] != mode:
+        raise ConfigError(f"strategy={name} is defined by strategy.mode={mode}, got strategy.mode={strat['mode']}")
+    if name == "fedgen":
+        try:
+            FedGenConfig(**dict(strat.get("fedgen") or {}))
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"bad strategy.fedgen: {err}") from None
+    elif strat.get("fedgen"):
+        raise ConfigError(f"strategy.fedgen settings are for strategy=fedgen, got strategy.name={name}")
 
 
 def _optional(key: str, value: Any, low: float, integer: bool = False) -> None:

@@ -25,8 +25,9 @@ from abd_fl.defense import ABDDefense, abd_config_for
 from abd_fl.device import resolve_device
 from abd_fl.metrics import backdoor_metrics
 from abd_fl.distill import DistillConfig, FixedDataSynthesizer, Synthesizer, build_synthesizer, distill
+from abd_fl.distill.fedgen import FedGenConfig, FedGenRegularizer, FeatureGenerator, check_generator_state
 from abd_fl.models import build_model
-from abd_fl.train import train_classifier
+from abd_fl.train import ExtraLoss, train_classifier
 
 
 @functools.lru_cache(maxsize=4)
@@ -185,9 +186,11 @@ def train_local_model(
     attacking: bool,
     global_state: Mapping[str, torch.Tensor],
     device: torch.device | str = "cpu",
+    extra_loss: ExtraLoss | None = None,
 ) -> tuple[nn.Module, dict[str, float]]:
     """Client ``partition_id``'s local training on ``data`` from ``global_state`` (the
-    attacker's epochs / lr when ``attacking``); returns the model and its training stats."""
+    attacker's epochs / lr when ``attacking``; ``extra_loss`` added to every step, e.g.
+    FedGen's regulariser); returns the model and its training stats."""
     model = build_named_model(cfg, build_bundle(cfg), "client")
     model.load_state_dict(global_state)
     epochs, lr = local_training_settings(cfg, attacking)
@@ -199,6 +202,7 @@ def train_local_model(
         batch_size=int(cfg["simulation"]["local_batch_size"]),
         device=device,
         seed=int(cfg["seed"]) * 1000 + partition_id,
+        extra_loss=extra_loss,
     )
     return model, stats
 
@@ -209,6 +213,7 @@ def client_update(
     server_round: int,
     global_state: Mapping[str, torch.Tensor],
     device: torch.device | str = "cpu",
+    regularizer: ExtraLoss | None = None,
 ) -> ClientUpdate:
     """One client's local work in ``server_round``, starting from ``global_state``.
 
@@ -217,7 +222,8 @@ def client_update(
     attacker's epochs / lr, or, when ``attack.teacher_checkpoints`` names it, sends the
     pretrained teacher from its file instead; either way its update is then scaled by
     ``attack.scale`` (model replacement; trainable parameters only, BatchNorm running
-    statistics are sent as they are).
+    statistics are sent as they are). ``regularizer`` (FedGen's, :func:`fedgen_regularizer`)
+    is added to the local loss of a client that trains.
     """
     data, attacking = client_train_data(cfg, partition_id, server_round)
     checkpoint = teacher_checkpoint_paths(cfg).get(partition_id) if attacking else None
@@ -226,7 +232,7 @@ def client_update(
         load_teacher(model, checkpoint, model_name=cfg["model"]["client"])
         stats = _loss_and_accuracy(model, data, device)
     else:
-        model, stats = train_local_model(cfg, partition_id, data, attacking, global_state, device)
+        model, stats = train_local_model(cfg, partition_id, data, attacking, global_state, device, extra_loss=regularizer)
     scale = float(cfg["attack"].get("scale", 1.0))
     if attacking and scale != 1.0:
         params = [name for name, _ in model.named_parameters()]
@@ -240,6 +246,46 @@ def build_named_model(cfg: Mapping[str, Any], bundle: DatasetBundle, role: str, 
     """A fresh model for ``role`` ('client' or 'student'), initialised with ``seed`` (default: config seed)."""
     torch.manual_seed(int(cfg["seed"]) if seed is None else seed)
     return build_model(cfg["model"][role], bundle.num_classes, bundle.in_channels, bundle.mean, bundle.std)
+
+
+def strategy_name(cfg: Mapping[str, Any]) -> str:
+    """The strategy preset's name (``strategy.name``; a file without one is named by its base)."""
+    strat = cfg["strategy"]
+    return str(strat.get("name") or strat["base"])
+
+
+def fedgen_settings(cfg: Mapping[str, Any]) -> FedGenConfig | None:
+    """FedGen's settings (``strategy.fedgen``) when the strategy is ``fedgen``, else None."""
+    if strategy_name(cfg) != "fedgen":
+        return None
+    return FedGenConfig(**dict(cfg["strategy"].get("fedgen") or {}))
+
+
+def build_feature_generator(cfg: Mapping[str, Any], bundle: DatasetBundle, settings: FedGenConfig) -> FeatureGenerator:
+    """FedGen's generator for the client architecture's feature width (seeded with the config seed)."""
+    feature_dim = build_named_model(cfg, bundle, "client").feature_dim
+    torch.manual_seed(int(cfg["seed"]) + 17)
+    return FeatureGenerator(bundle.num_classes, feature_dim, settings.noise_dim, settings.hidden_dim)
+
+
+def fedgen_regularizer(
+    cfg: Mapping[str, Any], generator_state: Mapping[str, torch.Tensor], server_round: int, partition_id: int
+) -> FedGenRegularizer:
+    """A client's FedGen regulariser from the generator state the server sent.
+
+    Raises :class:`~abd_fl.distill.fedgen.GeneratorPayloadError` (a ValueError) when the
+    state does not fit the generator this config builds (keys, shapes, dtypes, finite
+    values, label distribution), or ConfigError when the strategy is not FedGen.
+    """
+    settings = fedgen_settings(cfg)
+    if settings is None:
+        raise ConfigError(f"a FedGen generator was sent, but the strategy is '{strategy_name(cfg)}', not fedgen")
+    generator = build_feature_generator(cfg, build_bundle(cfg), settings)
+    check_generator_state(generator, generator_state)
+    generator.load_state_dict(dict(generator_state), strict=True)
+    alpha, beta = settings.regularizer_weights(server_round)
+    seed = (int(cfg["seed"]) * 1000 + partition_id) * 1000 + server_round
+    return FedGenRegularizer(generator, alpha=alpha, beta=beta, batch_size=settings.reg_batch_size, seed=seed)
 
 
 def evaluation_sets(cfg: Mapping[str, Any], bundle: DatasetBundle) -> tuple[ImageData, ImageData]:

@@ -8,6 +8,7 @@ teachers whose backdoors ABD (Hong et al., ICML 2023) studies.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,7 +17,10 @@ from torch.nn import functional as F
 from abd_fl.data.base import ImageData
 from abd_fl.device import resolve_device
 
-__all__ = ["train_classifier", "OPTIMIZERS"]
+__all__ = ["train_classifier", "OPTIMIZERS", "ExtraLoss"]
+
+ExtraLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+"""``extra_loss(model, x, y, logits)``: a term added to a step's cross-entropy (e.g. FedGen's regulariser)."""
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
@@ -44,6 +48,7 @@ def train_classifier(
     weight_decay: float = 5e-4,
     optimizer: str = "sgd",
     progress: bool = False,
+    extra_loss: ExtraLoss | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``data``; return ``{"loss", "accuracy"}`` of the last epoch.
 
@@ -52,6 +57,9 @@ def train_classifier(
     ``torch.Generator`` seeded with ``seed``; other randomness (e.g. dropout) is seeded from
     ``seed`` inside a forked RNG, so the global RNG state is untouched and two runs from the
     same initial weights give identical weights. The model ends on ``device`` in eval mode.
+
+    ``extra_loss(model, x, y, logits)``, when given, is added to every step's loss (None =
+    nothing); ``loss`` in the result stays the cross-entropy alone.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -108,8 +116,9 @@ def train_classifier(
                 y = data.labels[idx].to(dev, non_blocking=True)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
+                extra = extra_loss(model, x, y, logits) if extra_loss is not None else None
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if extra is None else loss + extra).backward()
                 opt.step()
                 sched.step()
                 total_loss += float(loss.detach()) * y.shape[0]

@@ -10,7 +10,10 @@ server, with no training data:
   student's starting point and data-free KD fine-tunes it.
 
 The distillation itself is a callable ``distill_fn(arm, teachers, student, round)``; the
-caller decides the synthesizer and the defense of each *arm*. The first arm produces the
+caller decides the synthesizer and the defense of each *arm*. An optional
+:class:`ServerExtension` adds what an FL algorithm needs beyond that (FedGen,
+:mod:`strategies.fedgen`: a generator sent with the global model, label counts checked
+in every reply, the generator trained after the aggregation). The first arm produces the
 global model; further arms (e.g. ``abd_student``) are distilled from the same teachers
 and the same starting point, side by side, for comparison. Every reply is validated
 first (:mod:`strategies.validation`); a bad one is dropped and the round goes on.
@@ -21,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +54,28 @@ class RoundOutcome:
     distill_results: dict[str, DistillResult]
     rejected: list[tuple[int, str]]
     timings: dict[str, float] = field(default_factory=dict)
+    extension: dict[str, Any] = field(default_factory=dict)
+    """What the server extension reported this round (e.g. FedGen's generator training)."""
+
+
+class ServerExtension(Protocol):
+    """Hooks of an FL algorithm on top of the base strategy and the distillation arms."""
+
+    name: str
+
+    def configure_train(self, server_round: int, messages: list[Message]) -> list[Message]:
+        """Add the algorithm's payload to this round's train messages."""
+
+    def reply_problem(self, msg: Message) -> str | None:
+        """Why a reply that passed the common checks is still unusable (None = fine)."""
+
+    def reply_info(self, msg: Message) -> dict[str, Any]:
+        """Extra per-teacher facts from a valid reply, merged into its ``teacher_info``."""
+
+    def after_aggregate(
+        self, server_round: int, teachers: list[nn.Module], teacher_info: list[dict[str, Any]], aggregated: nn.Module | None
+    ) -> dict[str, Any]:
+        """Server work after the base aggregation, before the arms; returns JSON-able logs."""
 
 
 def state_signature(model: nn.Module) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -75,6 +100,7 @@ class DataFreeKD(Strategy):
         arms: Sequence[str] = ("dfkd_student",),
         mode: str = "one_shot",
         on_round: Callable[[RoundOutcome], None] | None = None,
+        extension: ServerExtension | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown DataFreeKD mode '{mode}'; choose one of: {', '.join(MODES)}")
@@ -87,13 +113,15 @@ class DataFreeKD(Strategy):
         self.arms = tuple(arms)
         self.mode = mode
         self.on_round = on_round
+        self.extension = extension
         self._reference = state_signature(client_model_fn())
         if mode == "multi_round" and state_signature(student_model_fn()) != self._reference:
             raise ValueError("multi_round mode distils into the aggregated model: student and client architectures must match")
 
     # ---- delegation -------------------------------------------------------------
     def summary(self) -> None:
-        log.info("DataFreeKD(mode=%s, arms=%s) around %s", self.mode, ", ".join(self.arms), type(self.base).__name__)
+        extra = f", extension={self.extension.name}" if self.extension is not None else ""
+        log.info("DataFreeKD(mode=%s, arms=%s%s) around %s", self.mode, ", ".join(self.arms), extra, type(self.base).__name__)
         self.base.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -103,7 +131,10 @@ class DataFreeKD(Strategy):
         if self.mode == "one_shot":
             arrays = ArrayRecord(self.client_model_fn().state_dict())  # clients start from the client architecture
         config["server-round"] = server_round  # clients' attack schedules need it, whatever the base strategy sends
-        return self.base.configure_train(server_round, arrays, config, grid)
+        messages = list(self.base.configure_train(server_round, arrays, config, grid))
+        if self.extension is not None:
+            messages = self.extension.configure_train(server_round, messages)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []  # evaluation is server-side (evaluate_fn): clients hold no test data here
@@ -114,7 +145,8 @@ class DataFreeKD(Strategy):
     # ---- the data-free KD step --------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t0 = time.perf_counter()
-        valid, rejected = split_valid_replies(list(replies), self._reference, server_round)
+        extra_check = self.extension.reply_problem if self.extension is not None else None
+        valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check)
         if not valid:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
             return None, None
@@ -132,6 +164,8 @@ class DataFreeKD(Strategy):
                     "partition_id": int(metrics["partition-id"]),
                     "malicious": bool(metrics["malicious"]),
                     "num_examples": int(metrics["num-examples"]),
+                    **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
+                    **(self.extension.reply_info(msg) if self.extension is not None else {}),
                 }
             )
         order = np.argsort([i["partition_id"] for i in info])
@@ -141,6 +175,11 @@ class DataFreeKD(Strategy):
         students: dict[str, nn.Module] = {}
         results: dict[str, DistillResult] = {}
         timings = {"aggregate_s": t_agg - t0}
+        extension_logs: dict[str, Any] = {}
+        if self.extension is not None:
+            t_ext = time.perf_counter()
+            extension_logs = self.extension.after_aggregate(server_round, teachers, info, aggregated)
+            timings[f"{self.extension.name}_s"] = time.perf_counter() - t_ext
         for arm in self.arms:
             student = self.student_model_fn()
             if self.mode == "multi_round" and aggregated is not None:
@@ -151,7 +190,7 @@ class DataFreeKD(Strategy):
             students[arm] = student
 
         if self.on_round is not None:
-            self.on_round(RoundOutcome(server_round, teachers, info, aggregated, students, results, rejected, timings))
+            self.on_round(RoundOutcome(server_round, teachers, info, aggregated, students, results, rejected, timings, extension_logs))
         primary = students[self.arms[0]]
         metrics = MetricRecord(dict(agg_metrics)) if agg_metrics is not None else MetricRecord()
         metrics["num-rejected"] = len(rejected)

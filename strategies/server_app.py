@@ -20,23 +20,27 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from abd_fl.distill import distill
+from abd_fl.distill import DistillResult, distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
     attack_schedule,
     build_defense,
+    build_feature_generator,
     build_named_model,
     build_synthesizer_from_config,
     distill_arms,
     distill_clean_kd_reference,
     distill_config,
+    fedgen_settings,
     malicious_ids,
     prepare_run,
+    strategy_name,
 )
 from abd_fl.defense import suspicion_auc
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
 from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
+from strategies.fedgen import FedGenExtension
 
 log = logging.getLogger("abd_fl")
 CONFIG_KEY = "abd-config"
@@ -87,6 +91,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
     arms = distill_arms(cfg)
     arm_defense = dict(arms)
+    fedgen = fedgen_settings(cfg)
 
     def client_model():
         return build_named_model(cfg, bundle, "client")
@@ -97,6 +102,14 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     def distill_fn(arm: str, teachers, student, server_round: int):
         dcfg = distill_config(cfg)
         dcfg.seed = int(cfg["seed"]) * 100 + server_round
+        if fedgen is not None:
+            # FedGen: the global model is the FedAvg aggregate (the student starts from it in
+            # multi_round mode); only a defended arm repairs it by a data-free distillation
+            # with its defense attached (abd_fl/distill/fedgen.py, README design notes).
+            if arm_defense[arm] == "none":
+                return DistillResult(wall_s=0.0, defense_s=0.0, defense_report={"fedgen": "FedAvg aggregate, not distilled"})
+            if fedgen.defense_iterations is not None:
+                dcfg.iterations = fedgen.defense_iterations
         bar = _progress_bar(bool(cfg.get("progress", True)), dcfg.iterations, f"round {server_round} {arm}")
         try:
             return distill(
@@ -154,6 +167,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             },
             "timings": timings,
         }
+        if extension is not None:
+            record[extension.name] = outcome.extension  # e.g. FedGen's generator training
         run.append_metrics(record)
         state.update(teachers=outcome.teachers, metrics=metrics)
         for arm, _ in arms:
@@ -163,6 +178,10 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     base = make_base_strategy(
         cfg["strategy"]["base"], cfg["strategy"].get("base_params"), int(sim["num_clients"]), float(cfg["strategy"]["fraction_train"])
     )
+    extension = None
+    if fedgen is not None:
+        extension = FedGenExtension(build_feature_generator(cfg, bundle, fedgen), fedgen, device=device, seed=int(cfg["seed"]))
+    log.info("strategy: %s (mode %s, base %s)", strategy_name(cfg), cfg["strategy"]["mode"], cfg["strategy"]["base"])
     strategy = DataFreeKD(
         base,
         client_model,
@@ -171,6 +190,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         arms=tuple(arm for arm, _ in arms),
         mode=cfg["strategy"]["mode"],
         on_round=on_round,
+        extension=extension,
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import Message
@@ -54,12 +54,19 @@ def reply_problem(msg: Message, reference: Mapping[str, tuple[tuple[int, ...], n
 
 
 def split_valid_replies(
-    replies: Iterable[Message], reference: Mapping[str, tuple[tuple[int, ...], np.dtype]], server_round: int
+    replies: Iterable[Message],
+    reference: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    server_round: int,
+    extra_check: Callable[[Message], str | None] | None = None,
 ) -> tuple[list[Message], list[tuple[int, str]]]:
-    """(valid replies, [(node id, reason) of rejected ones]); logs every rejection."""
+    """(valid replies, [(node id, reason) of rejected ones]); logs every rejection.
+
+    ``extra_check`` (e.g. FedGen's label counts) runs on replies that pass the common checks."""
     valid, rejected = [], []
     for msg in replies:
         problem = reply_problem(msg, reference)
+        if problem is None and extra_check is not None:
+            problem = extra_check(msg)
         if problem is None:
             valid.append(msg)
         else:

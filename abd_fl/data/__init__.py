@@ -2,7 +2,7 @@
 
 from .base import DatasetBundle, ImageData
 from .errors import DatasetNotFoundError
-from .ood import load_ood_source_images
+from .ood import OOD_SOURCE_NAMES, load_ood_image, load_ood_source_images
 from .partition import partition_indices
 from .registry import DATASET_NAMES, load_dataset
 
@@ -12,6 +12,8 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageData",
     "load_dataset",
+    "OOD_SOURCE_NAMES",
+    "load_ood_image",
     "load_ood_source_images",
     "partition_indices",
 ]

@@ -7,8 +7,10 @@ from abd_fl.distill.losses import kd_kl_per_sample, kd_loss
 from abd_fl.distill.loop import DistillConfig, DistillResult, distill
 from abd_fl.distill.synthesizers import (
     SYNTHESIZERS,
+    CMISynthesizer,
     DENSESynthesizer,
     FixedDataSynthesizer,
+    OODPatchSynthesizer,
     Synthesizer,
     ZSKTSynthesizer,
     build_synthesizer,
@@ -25,8 +27,10 @@ __all__ = [
     "DistillResult",
     "distill",
     "SYNTHESIZERS",
+    "CMISynthesizer",
     "DENSESynthesizer",
     "FixedDataSynthesizer",
+    "OODPatchSynthesizer",
     "Synthesizer",
     "ZSKTSynthesizer",
     "build_synthesizer",

@@ -34,7 +34,9 @@ class ClassifierWithNormalization(nn.Module):
     """A classifier taking pixel-space input: ``forward(x) = net(normalize(x))``.
 
     ``features``, ``classifier`` and ``feature_dim`` delegate to ``net`` (features are computed
-    on the normalised input as well).
+    on the normalised input as well). The feature / head split is exact for every model of
+    the registry: ``forward(x) == head(features(x))`` (``head`` is ``classifier``, the final
+    Linear; FedGen generates in the space of ``features``).
     """
 
     def __init__(self, normalize: Normalize, net: nn.Module) -> None:
@@ -52,6 +54,11 @@ class ClassifierWithNormalization(nn.Module):
     @property
     def classifier(self) -> nn.Linear:
         """The final linear layer of ``net``."""
+        return self.net.classifier
+
+    @property
+    def head(self) -> nn.Linear:
+        """The classifier head (the final Linear, ``classifier``): ``forward(x) == head(features(x))``."""
         return self.net.classifier
 
     @property

@@ -29,7 +29,9 @@ def build_model(
     """Build architecture ``name`` for pixel-space input in [0, 1], normalised by ``mean``/``std``.
 
     The result's ``forward`` returns logits; ``features(x)`` gives the penultimate features,
-    ``classifier`` the final Linear and ``feature_dim`` its input width.
+    ``classifier`` (alias ``head``) the final Linear and ``feature_dim`` its input width, with
+    ``forward(x) == head(features(x))`` exactly. A new architecture must offer ``features(x)``,
+    ``classifier`` and ``feature_dim`` (tests/test_fedgen.py checks every registered name).
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")

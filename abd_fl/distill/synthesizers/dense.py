@@ -15,49 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from abd_fl.distill.losses import kd_kl_per_sample
 from abd_fl.distill.synthesizers.base import Synthesizer
+from abd_fl.distill.synthesizers.common import BNStatisticsLoss, ImagePool
 from abd_fl.models.generators import ConvGenerator
-
-
-class BNStatisticsLoss:
-    """Forward hooks on every ``BatchNorm2d`` of the given models (DeepInversion loss).
-
-    After a forward pass, :meth:`value` is the sum over BN layers of
-    ``||mean_batch - running_mean||_2 + ||var_batch - running_var||_2``.
-    """
-
-    def __init__(self, models: list[nn.Module]) -> None:
-        self._terms: list[torch.Tensor] = []
-        self._handles = [
-            module.register_forward_hook(self._hook)
-            for model in models
-            for module in model.modules()
-            if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
-        ]
-        if not self._handles:
-            raise ValueError("the BN-statistics loss needs teachers with BatchNorm2d layers; none found")
-
-    def _hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
-        self._terms.append(
-            torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2)
-        )
-
-    def reset(self) -> None:
-        self._terms = []
-
-    def value(self) -> torch.Tensor:
-        return torch.stack(self._terms).sum() if self._terms else torch.zeros(())
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 class DENSESynthesizer(Synthesizer):
@@ -88,8 +50,8 @@ class DENSESynthesizer(Synthesizer):
     def _setup(self) -> None:
         teachers = list(getattr(self.ensemble, "teachers", [self.ensemble]))
         self.bn_loss = BNStatisticsLoss(teachers)
-        self.pool: list[torch.Tensor] = []
-        self.pool_size = 0
+        self.bn_loss.enabled = False  # recording only during generator steps
+        self.pool = ImagePool(self.max_pool_size)
         self.rng = torch.Generator().manual_seed(self.seed)
 
     def _new_generator(self) -> ConvGenerator:
@@ -107,6 +69,7 @@ class DENSESynthesizer(Synthesizer):
         optimizer = torch.optim.Adam([{"params": generator.parameters()}, {"params": [z]}], lr=self.lr, betas=(0.5, 0.999))
         best_loss, best_x = float("inf"), None
         self.student.eval()
+        self.bn_loss.enabled = True
         for _ in range(self.g_steps):
             x = generator(z)
             self.bn_loss.reset()
@@ -123,27 +86,16 @@ class DENSESynthesizer(Synthesizer):
             optimizer.step()
             if float(loss.detach()) < best_loss:
                 best_loss, best_x = float(loss.detach()), x.detach()
+        self.bn_loss.enabled = False
         self.bn_loss.reset()
         self.student.zero_grad(set_to_none=True)
         self.student.train()
         assert best_x is not None
-        self._add_to_pool(best_x)
-        return {"generator_loss": best_loss, "pool_size": float(self.pool_size)}
-
-    def _add_to_pool(self, x: torch.Tensor) -> None:
-        self.pool.append(x)
-        self.pool_size += x.shape[0]
-        while self.pool_size > self.max_pool_size and len(self.pool) > 1:
-            self.pool_size -= self.pool.pop(0).shape[0]
+        self.pool.add(best_x)
+        return {"generator_loss": best_loss, "pool_size": float(len(self.pool))}
 
     def sample(self, batch_size: int) -> torch.Tensor:
-        if not self.pool:
-            raise RuntimeError("DENSE pool is empty: call generator_round() before sample()")
-        pool = torch.cat(self.pool) if len(self.pool) > 1 else self.pool[0]
-        if len(self.pool) > 1:
-            self.pool = [pool]
-        idx = torch.randint(0, pool.shape[0], (batch_size,), generator=self.rng).to(pool.device)
-        return pool[idx]
+        return self.pool.sample(batch_size, self.rng)
 
     def close(self) -> None:
         self.bn_loss.remove()
