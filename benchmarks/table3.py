@@ -1,0 +1,145 @@
+"""Table-3 sweep (issue 5; ABD paper Table 3): every data-free KD method, baseline and +ABD.
+
+    .venv/bin/python benchmarks/table3.py --seeds 0 1 2                 # everything
+    .venv/bin/python benchmarks/table3.py --part central --seeds 0      # centralized only
+    .venv/bin/python benchmarks/table3.py --methods zskt ood -- experiment=tiny   # smoke test
+
+Centralized (the paper's own setting, ``experiment=central``): one poisoned teacher
+distilled by ZSKT, CMI, OOD patches and DENSE. Federated (the FL default scenario, Flower
++ Ray): the one-shot ZSKT default, and the strategy presets DENSE, FedFTG, FedDF and
+FedGen. Every run distils the undefended arm (``dfkd_student``) and the ABD arm
+(``abd_student``) from the same teachers, beside the clean-KD reference.
+
+Writes ``outputs/sweeps/table3/``: every run's directory, ``results.md`` (rewritten after
+every run, so nothing computed is lost) and ``table3.png`` (Acc and ASR per method, floors
+hatched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import ROOT, fmt, run_one  # noqa: E402
+
+CENTRAL = {
+    "zskt": ["experiment=central", "distill=zskt"],
+    "cmi": ["experiment=central", "distill=cmi"],
+    "ood": ["experiment=central", "distill=ood"],
+    "dense": ["experiment=central", "distill=dense"],
+}
+FL = {
+    "zskt_one_shot": [],
+    "dense": ["strategy=dense"],
+    "fedftg": ["strategy=fedftg"],
+    "feddf": ["strategy=feddf"],
+    "fedgen": ["strategy=fedgen"],
+}
+ROLES = (("dfkd_student", "baseline"), ("abd_student", "+ABD"), ("clean_kd_reference", "clean KD"))
+
+
+def cell(runs: list[dict], role: str) -> str:
+    ms = [r[role] for r in runs if role in r]
+    if not ms:
+        return "n/a"
+    return f"{fmt([m['acc'] for m in ms])} / {fmt([m['asr'] for m in ms])} ({fmt([m['asr_floor'] for m in ms])})"
+
+
+def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: list[int], cmd: str) -> str:
+    lines = [
+        f"<!-- produced by: {cmd} -->",
+        f"### Table 3 on embedded digits ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
+        "Acc / ASR (floor) in %, mean (min-max))",
+        "",
+        "| setting | method | baseline | +ABD | clean KD | ABD target met | wall s |",
+        "|---|---|---|---|---|---|---:|",
+    ]
+    for part, methods in results.items():
+        for method, runs in methods.items():
+            base = [r["dfkd_student"] for r in runs if "dfkd_student" in r]
+            abd = [r["abd_student"] for r in runs if "abd_student" in r]
+            verdict = "n/a"
+            if base and abd:
+                b_asr = sum(m["asr"] for m in base) / len(base)
+                drop = sum(m["acc"] for m in base) / len(base) - sum(m["acc"] for m in abd) / len(abd)
+                a_asr = sum(m["asr"] for m in abd) / len(abd)
+                verdict = "baseline ASR < 50%" if b_asr < 0.5 else ("yes" if a_asr <= 0.10 and drop <= 0.05 else "no")
+            wall = sum(r["_wall_s"] for r in runs) / len(runs)
+            lines.append(
+                f"| {part} | {method} | {cell(runs, 'dfkd_student')} | {cell(runs, 'abd_student')} "
+                f"| {cell(runs, 'clean_kd_reference')} | {verdict} | {wall:.0f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def save_plot(out: Path, results: dict[str, dict[str, list[dict]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{part}:{m}" for part, ms in results.items() for m in ms]
+    runs = [r for ms in results.values() for r in ms.values()]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.3 * len(labels)), 3.4))
+    x = np.arange(len(labels))
+    width = 0.27
+    for ax, key in zip(axes, ("acc", "asr")):
+        for k, (role, name) in enumerate(ROLES):
+            vals = [100 * np.mean([r[role][key] for r in rs if role in r]) if any(role in r for r in rs) else 0 for rs in runs]
+            ax.bar(x + (k - 1) * width, vals, width, label=name)
+            if key == "asr":
+                floors = [100 * np.mean([r[role]["asr_floor"] for r in rs if role in r]) if any(role in r for r in rs) else 0
+                          for rs in runs]
+                ax.bar(x + (k - 1) * width, floors, width, fill=False, hatch="//", edgecolor="black", linewidth=0.5)
+        ax.set_xticks(x, labels, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(f"{key.upper()} %" + (" (hatched: floor)" if key == "asr" else ""))
+        ax.set_ylim(0, 100)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "table3.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("central", "fl", "both"), default="both")
+    parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names (either part)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
+    args = parser.parse_args()
+    out = ROOT / "outputs" / "sweeps" / "table3"
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/table3.py " + " ".join(
+        [f"--part {args.part}", f"--methods {' '.join(args.methods)}" if args.methods else "",
+         f"--seeds {' '.join(map(str, args.seeds))}", ("-- " + " ".join(args.overrides)) if args.overrides else ""]
+    ).strip()
+    parts = {"central": CENTRAL, "fl": FL} if args.part == "both" else {args.part: CENTRAL if args.part == "central" else FL}
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, list[dict]]] = {}
+    for part, methods in parts.items():
+        for method, overrides in methods.items():
+            if args.methods and method not in args.methods:
+                continue
+            label = f"{part}-{method}"
+            runs = results.setdefault(part, {}).setdefault(method, [])
+            for seed in args.seeds:
+                runs.append(run_one(out, label, [*overrides, *args.overrides], seed))
+                (out / "runs.json").write_text(json.dumps(results, indent=1))
+                write_results(out, results, args.seeds, cmd)
+    text = write_results(out, results, args.seeds, cmd)
+    save_plot(out, results)
+    print(text)
+    print(f"total wall time: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
