@@ -101,3 +101,23 @@ def describe(procs: list[psutil.Process]) -> str:
             cmd = "<gone>"
         lines.append(f"{p.pid} {cmd[:200]}")
     return "\n".join(lines)
+
+
+def run_simulation_cli(overrides: list[str], out, timeout: float = 420) -> "os.PathLike":
+    """Run ``python -m abd_fl.cli <overrides> output_dir=<out>`` (a Ray simulation) inside a
+    :class:`ProcessScope`, stop everything it started, assert it succeeded and left nothing
+    running, and return the resolved run directory (``<out>/latest``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scope = ProcessScope()
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "abd_fl.cli", *overrides, f"output_dir={out}"]
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=scope.env(), capture_output=True, text=True, timeout=timeout)
+    finally:
+        survivors = scope.stop()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert survivors == [], describe(survivors)
+    return (Path(out) / "latest").resolve()

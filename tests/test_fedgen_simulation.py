@@ -5,20 +5,14 @@ budgets, defense=abd): the server trains the generator every round, the clients 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.process_cleanup import ProcessScope, describe
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.process_cleanup import run_simulation_cli
 
 
 def test_fedgen_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
-    scope = ProcessScope()
     out = tmp_path / "outputs"
-    cmd = [
-        sys.executable, "-m", "abd_fl.cli",
+    overrides = [
         "experiment=tiny",
         "strategy=fedgen",
         "strategy.fedgen.steps=20",
@@ -26,16 +20,8 @@ def test_fedgen_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
         "simulation.num_clients=3",
         "attack.num_malicious=1",
         "clean_kd_reference.enabled=false",
-        f"output_dir={out}",
     ]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=scope.env(), capture_output=True, text=True, timeout=420)
-    finally:
-        survivors = scope.stop()
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert survivors == [], describe(survivors)
-
-    run = (out / "latest").resolve()
+    run = run_simulation_cli(overrides, out)
     rounds = [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if "round" in r]
     assert [r["round"] for r in rounds] == [1, 2]
     for rec in rounds:

@@ -4,22 +4,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from tests.process_cleanup import ProcessScope, describe
+from tests.process_cleanup import run_simulation_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
-    scope = ProcessScope()
     out = tmp_path / "outputs"
-    cmd = [
-        sys.executable, "-m", "abd_fl.cli",
+    overrides = [
         "experiment=tiny",
         "strategy.mode=multi_round",
         "simulation.rounds=2",
@@ -27,16 +22,8 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
         "attack.num_malicious=1",
         "attack.attacker_pool=per_round",  # the attacker is drawn afresh each round ...
         "attack.scale=2.0",  # ... and scales its update (model replacement)
-        f"output_dir={out}",
     ]
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=scope.env(), capture_output=True, text=True, timeout=420)
-    finally:
-        survivors = scope.stop()
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert survivors == [], describe(survivors)
-
-    run = (out / "latest").resolve()
+    run = run_simulation_cli(overrides, out)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [x for x in lines if "round" in x]
     assert [x["round"] for x in rounds] == [1, 2]

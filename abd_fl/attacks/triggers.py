@@ -267,7 +267,20 @@ def _positive(trigger: str, key: str, value: Any) -> float:
     return out
 
 
-class Sig(Trigger):
+class _AdditiveTrigger(Trigger):
+    """A trigger that adds a fixed full-image pattern ``_pattern`` (C, H, W), then clamps."""
+
+    _pattern: torch.Tensor
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        return (images + self._pattern.to(device=images.device, dtype=images.dtype)).clamp(0.0, 1.0)
+
+    def changed_mask(self) -> None:
+        return None
+
+
+class Sig(_AdditiveTrigger):
     """Sinusoidal-signal trigger, clean-label (Barni et al., 2019, "A New Backdoor Attack in
     CNNs by Training Set Corruption Without Label Poisoning").
 
@@ -292,12 +305,6 @@ class Sig(Trigger):
         wave = self.delta * torch.sin(2.0 * np.pi * cols * self.frequency / w)
         self._pattern = wave.to(torch.float32).expand(c, h, w).clone()
 
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        self._check_images(images)
-        return (images + self._pattern.to(device=images.device, dtype=images.dtype)).clamp(0.0, 1.0)
-
-    def changed_mask(self) -> None:
-        return None
 
     def pattern(self) -> torch.Tensor:
         """The (C, H, W) additive signal (values in [-delta, delta])."""
@@ -437,7 +444,7 @@ class L0Invisible(_PatchTrigger):
         self._pattern, self._mask = pattern.view(c, h, w), mask.view(c, h, w)
 
 
-class L2Invisible(Trigger):
+class L2Invisible(_AdditiveTrigger):
     """l2-invisible trigger (Li et al., 2020, "Invisible Backdoor Attacks on Deep Neural
     Networks via Steganography and Regularization").
 
@@ -458,12 +465,6 @@ class L2Invisible(Trigger):
         self.l2_norm = self.rms * float(np.sqrt(noise.numel()))
         self._pattern = (noise * (self.l2_norm / noise.norm())).to(torch.float32)
 
-    def apply(self, images: torch.Tensor) -> torch.Tensor:
-        self._check_images(images)
-        return (images + self._pattern.to(device=images.device, dtype=images.dtype)).clamp(0.0, 1.0)
-
-    def changed_mask(self) -> None:
-        return None
 
     def pattern(self) -> torch.Tensor:
         """The (C, H, W) additive pattern (L2 norm ``self.l2_norm``)."""
