@@ -120,7 +120,7 @@ def save_plots(out: Path, teachers: dict, fl: dict, seed: int) -> None:
     for k, (role, label) in enumerate(STUDENTS):
         asr = [np.mean([r[role]["asr"] for r in fl[n] if role in r]) * 100 for n in names]
         floor = [np.mean([r[role]["asr_floor"] for r in fl[n] if role in r]) * 100 for n in names]
-        ax.bar(x + (k - 1) * width, asr, width, label=label)
+        ax.bar(x + (k - 1) * width, asr, width, label=label, color=f"C{k}")
         ax.bar(x + (k - 1) * width, floor, width, fill=False, hatch="//", edgecolor="black", linewidth=0.5)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("ASR % (hatched: floor)")

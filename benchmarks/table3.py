@@ -95,7 +95,7 @@ def save_plot(out: Path, results: dict[str, dict[str, list[dict]]]) -> None:
     for ax, key in zip(axes, ("acc", "asr")):
         for k, (role, name) in enumerate(ROLES):
             vals = [100 * np.mean([r[role][key] for r in rs if role in r]) if any(role in r for r in rs) else 0 for rs in runs]
-            ax.bar(x + (k - 1) * width, vals, width, label=name)
+            ax.bar(x + (k - 1) * width, vals, width, label=name, color=f"C{k}")
             if key == "asr":
                 floors = [100 * np.mean([r[role]["asr_floor"] for r in rs if role in r]) if any(role in r for r in rs) else 0
                           for rs in runs]
