@@ -41,13 +41,13 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: dict[str, Any]) -> None:
-    """Run one experiment (already composed and resolved) in the Flower simulation engine."""
+    """Run one experiment (already composed, resolved and validated by :func:`main`) in the
+    Flower simulation engine."""
     from flwr.simulation import run_simulation
 
     from clients.client_app import app as client_app
     from strategies.server_app import build_server_app
 
-    validate_config(cfg)
     run_simulation(
         server_app=build_server_app(cfg),
         client_app=client_app,

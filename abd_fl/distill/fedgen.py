@@ -52,6 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from abd_fl.distill.synthesizers.common import check_int
+
+_PREFIX = "strategy.fedgen."  # the config keys FedGenConfig validates
+
 __all__ = [
     "GENERATOR_RECORD_KEY",
     "LABEL_SAMPLING",
@@ -102,11 +106,11 @@ class FedGenConfig:
 
     def __post_init__(self) -> None:
         for name in ("noise_dim", "hidden_dim", "batch_size", "reg_batch_size"):
-            _check_int(f"strategy.fedgen.{name}", getattr(self, name), 2 if "batch" in name else 1)
-        _check_int("strategy.fedgen.steps", self.steps, 0)
-        _check_int("strategy.fedgen.min_label_count", self.min_label_count, 0)
+            check_int(name, getattr(self, name), 2 if "batch" in name else 1, prefix=_PREFIX)
+        check_int("steps", self.steps, 0, prefix=_PREFIX)
+        check_int("min_label_count", self.min_label_count, 0, prefix=_PREFIX)
         if self.defense_iterations is not None:
-            _check_int("strategy.fedgen.defense_iterations", self.defense_iterations, 0)
+            check_int("defense_iterations", self.defense_iterations, 0, prefix=_PREFIX)
         for name in ("lr",):
             _check_number(f"strategy.fedgen.{name}", getattr(self, name), positive=True)
         for name in ("teacher_weight", "diversity_weight", "reg_alpha", "reg_beta"):
@@ -121,11 +125,6 @@ class FedGenConfig:
         """(alpha, beta) of the clients' regulariser in ``server_round`` (decayed per round)."""
         factor = self.reg_decay ** max(0, server_round - 2)
         return self.reg_alpha * factor, self.reg_beta * factor
-
-
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
 
 
 def _check_number(key: str, value: Any, positive: bool = False) -> None:
@@ -156,7 +155,7 @@ class FeatureGenerator(nn.Module):
     def __init__(self, num_classes: int, feature_dim: int, noise_dim: int = 32, hidden_dim: int = 256) -> None:
         super().__init__()
         for key, value in (("num_classes", num_classes), ("feature_dim", feature_dim), ("noise_dim", noise_dim), ("hidden_dim", hidden_dim)):
-            _check_int(key, value, 1)
+            check_int(key, value, 1, prefix="")
         self.num_classes = num_classes
         self.feature_dim = feature_dim
         self.noise_dim = noise_dim

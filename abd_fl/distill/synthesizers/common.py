@@ -106,10 +106,10 @@ class ImagePool:
         return pool[idx]
 
 
-def check_int(name: str, value: object, low: int) -> None:
-    """One-line error unless ``value`` is an integer >= ``low`` (``name`` is the param key)."""
+def check_int(name: str, value: object, low: int, prefix: str = "distill.synthesizer_params.") -> None:
+    """One-line error unless ``value`` is an integer >= ``low`` (the key ``prefix + name`` is named)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"distill.synthesizer_params.{name} must be an integer >= {low}, got {value!r}")
+        raise ValueError(f"{prefix}{name} must be an integer >= {low}, got {value!r}")
 
 
 def check_number(name: str, value: object, low: float, high: float | None = None, low_open: bool = False) -> None:
