@@ -33,15 +33,25 @@ SETTINGS = {
 }
 
 
-def run_one(out: Path, label: str, overrides: list[str], seed: int) -> dict:
+def run_one(out: Path, label: str, overrides: list[str], seed: int, resume: bool = False) -> dict:
+    """One ``abd-fl`` run in its own process; its summary (plus ``_wall_s`` and the last
+    detection record). ``resume``: a finished run with the same overrides (``sweep_run.json``
+    beside its results) is read back instead of run again."""
     run_out = out / f"{label}-seed{seed}"
     cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+    record = run_out / "sweep_run.json"
+    previous = json.loads(record.read_text()) if resume and record.is_file() else None
+    if previous is not None and previous.get("args") == cmd[3:]:
+        wall = float(previous["wall_s"])
+    else:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        wall = time.perf_counter() - t0
+        record.write_text(json.dumps({"args": cmd[3:], "wall_s": wall}))
     summary = json.loads((run_out / "latest" / "summary.json").read_text())
-    summary["_wall_s"] = time.perf_counter() - t0
+    summary["_wall_s"] = wall
     metrics = [json.loads(x) for x in (run_out / "latest" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     det = [m["detection"] for m in metrics if m.get("detection")]
     if det:

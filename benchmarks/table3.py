@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/table3.py --seeds 0 1 2                 # everything
     .venv/bin/python benchmarks/table3.py --part central --seeds 0      # centralized only
     .venv/bin/python benchmarks/table3.py --methods zskt ood -- experiment=tiny   # smoke test
+    .venv/bin/python benchmarks/table3.py --part fl --seeds 0 1 2 --resume   # reuse finished runs
 
 Centralized (the paper's own setting, ``experiment=central``): one poisoned teacher
 distilled by ZSKT, CMI, OOD patches and DENSE. Federated (the FL default scenario, Flower
 + Ray): the one-shot ZSKT default, and the strategy presets DENSE, FedFTG, FedDF and
-FedGen. Every run distils the undefended arm (``dfkd_student``) and the ABD arm
+FedGen (the multi-round presets: 2 rounds of 15 local epochs). Every run distils the undefended arm (``dfkd_student``) and the ABD arm
 (``abd_student``) from the same teachers, beside the clean-KD reference.
 
 Writes ``outputs/sweeps/table3/``: every run's directory, ``results.md`` (rewritten after
@@ -32,14 +33,51 @@ CENTRAL = {
     "ood": ["experiment=central", "distill=ood"],
     "dense": ["experiment=central", "distill=dense"],
 }
+# Multi-round presets run 2 rounds of 15 local epochs: the same local training as the
+# one-shot runs' 1 x 30, and FedGen needs a second round for its generator to reach the
+# clients (it is trained after round 1's aggregation and sent with round 2's model).
+MULTI_ROUND = ["simulation.rounds=2", "simulation.local_epochs=15"]
 FL = {
-    "zskt_one_shot": [],
     "dense": ["strategy=dense"],
-    "fedftg": ["strategy=fedftg"],
-    "feddf": ["strategy=feddf"],
-    "fedgen": ["strategy=fedgen"],
+    "fedftg": ["strategy=fedftg", *MULTI_ROUND],
+    "feddf": ["strategy=feddf", *MULTI_ROUND],
+    "fedgen": ["strategy=fedgen", *MULTI_ROUND],
+    "zskt_one_shot": [],  # the FL default scenario (also README results item 2)
 }
 ROLES = (("dfkd_student", "baseline"), ("abd_student", "+ABD"), ("clean_kd_reference", "clean KD"))
+
+
+def vaccine_report(run_dir: Path) -> dict | None:
+    """What ABD's vaccine search found in a run (the last round of an FL run): per teacher
+    whether a vaccine was accepted, and which teachers were malicious (FL; the centralized
+    run has one poisoned teacher)."""
+    report, malicious = None, None
+    for line in (run_dir / "latest" / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "distill" in rec and "abd_student" in rec["distill"]:  # federated: one record per round
+            report = rec["distill"]["abd_student"]["defense"]
+            malicious = [bool(t["malicious"]) for t in rec["teacher_info"]]
+        elif rec.get("role") == "abd_student":  # centralized
+            report, malicious = rec.get("defense") or {}, [True]
+    if report is None or not report.get("teachers"):
+        return None
+    found = [bool(t.get("found")) for t in report["teachers"]]
+    return {"found": found, "malicious": malicious[: len(found)]}
+
+
+def vaccine_cell(runs: list[dict]) -> str:
+    """Per seed: vaccines found / teachers, and how many of those were malicious teachers."""
+    parts = []
+    for r in runs:
+        v = r.get("_vaccines")
+        if v is None:
+            parts.append("n/a")
+            continue
+        hits = sum(f and m for f, m in zip(v["found"], v["malicious"]))
+        parts.append(f"{sum(v['found'])}/{len(v['found'])} ({hits} mal.)")
+    return ", ".join(parts)
 
 
 def cell(runs: list[dict], role: str) -> str:
@@ -55,8 +93,8 @@ def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: l
         f"### Table 3 on embedded digits ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
         "Acc / ASR (floor) in %, mean (min-max))",
         "",
-        "| setting | method | baseline | +ABD | clean KD | ABD target met | wall s |",
-        "|---|---|---|---|---|---|---:|",
+        "| setting | method | baseline | +ABD | clean KD | ABD target met | vaccines found per seed | wall s |",
+        "|---|---|---|---|---|---|---|---:|",
     ]
     for part, methods in results.items():
         for method, runs in methods.items():
@@ -71,8 +109,15 @@ def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: l
             wall = sum(r["_wall_s"] for r in runs) / len(runs)
             lines.append(
                 f"| {part} | {method} | {cell(runs, 'dfkd_student')} | {cell(runs, 'abd_student')} "
-                f"| {cell(runs, 'clean_kd_reference')} | {verdict} | {wall:.0f} |"
+                f"| {cell(runs, 'clean_kd_reference')} | {verdict} | {vaccine_cell(runs)} | {wall:.0f} |"
             )
+    lines += [
+        "",
+        "Vaccines found: teachers for which ABD's Shuffling Vaccine search (Algorithm 1) accepted a "
+        "vaccine in the (last) round, and how many of them were malicious; where none is found, "
+        "Algorithm 2 runs Self-Retrospection instead. FedGen's baseline is the FedAvg model that "
+        "FedGen trains (not distilled); its +ABD arm is the data-free repair of it (README).",
+    ]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -114,6 +159,8 @@ def main() -> None:
     parser.add_argument("--part", choices=("central", "fl", "both"), default="both")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of the method names (either part)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse a finished run of the same method, seed and overrides instead of running it again")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "table3"
@@ -132,7 +179,9 @@ def main() -> None:
             label = f"{part}-{method}"
             runs = results.setdefault(part, {}).setdefault(method, [])
             for seed in args.seeds:
-                runs.append(run_one(out, label, [*overrides, *args.overrides], seed))
+                summary = run_one(out, label, [*overrides, *args.overrides], seed, resume=args.resume)
+                summary["_vaccines"] = vaccine_report(out / f"{label}-seed{seed}")
+                runs.append(summary)
                 (out / "runs.json").write_text(json.dumps(results, indent=1))
                 write_results(out, results, args.seeds, cmd)
     text = write_results(out, results, args.seeds, cmd)
