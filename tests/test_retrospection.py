@@ -337,6 +337,31 @@ def test_add_sr_gradient_creates_grads_and_skips_frozen_parameters() -> None:
         torch.testing.assert_close(p.grad, 2.0 * h, atol=1e-12, rtol=1e-10)
 
 
+def test_max_grad_ratio_caps_the_added_gradient_relative_to_the_existing_one() -> None:
+    model = _tiny_mlp()
+    x = _inputs()
+    base = SRConfig(weight=1.0, portion=0.5)
+    hyper = sr_hypergradient(model, x, synthesize_delta(model, x, base, seed=4), base, torch.Generator().manual_seed(4))
+    h_norm = float(_flat(hyper).norm())
+    kd = [torch.full_like(p, 1e-3) for p in model.parameters()]  # a small "KD" gradient already in .grad
+    kd_norm = float(_flat(kd).norm())
+    assert h_norm > 0.5 * kd_norm  # so a cap of 0.5 binds
+
+    for p, g in zip(model.parameters(), kd):
+        p.grad = g.clone()
+    logs = add_sr_gradient(model, x, dataclasses.replace(base, max_grad_ratio=0.5), seed=4)
+    added = [p.grad - g for p, g in zip(model.parameters(), kd)]
+    assert math.isclose(float(_flat(added).norm()), 0.5 * kd_norm, rel_tol=1e-4)
+    assert math.isclose(logs["sr_scale"], 0.5 * kd_norm / h_norm, rel_tol=1e-6)
+    for a, h in zip(added, hyper):  # same direction, smaller step
+        torch.testing.assert_close(a, logs["sr_scale"] * h, atol=1e-9, rtol=1e-5)
+
+    for p, g in zip(model.parameters(), kd):  # a cap that does not bind changes nothing
+        p.grad = g.clone()
+    loose = add_sr_gradient(model, x, dataclasses.replace(base, max_grad_ratio=1e6), seed=4)
+    assert loose["sr_scale"] == 1.0
+
+
 # --------------------------------------------------------------------------------------
 # 4. Effect on a backdoored tiny model
 # --------------------------------------------------------------------------------------
@@ -413,6 +438,7 @@ def test_sr_steps_reduce_sensitivity_of_a_backdoored_model() -> None:
         ({"eps": 0.0}, "eps"),
         ({"init_std": -1e-3}, "init_std"),
         ({"delta_l2": float("nan")}, "delta_l2"),
+        ({"max_grad_ratio": 0.0}, "max_grad_ratio"),
     ],
 )
 def test_config_validation(kwargs: dict[str, float], field: str) -> None:

@@ -227,5 +227,6 @@ class ABDDefense(NullDefense):
             "sr_active": self.late_phase_fraction > 0,
             "sr_steps": len(sr),
             "sr_kl_mean": float(sum(d["sr_kl"] for d in sr) / len(sr)) if sr else None,
+            "sr_scale_mean": float(sum(d["sr_scale"] for d in sr) / len(sr)) if sr else None,
             "flagged_share": float(sum(self._flag_rate) / len(self._flag_rate)) if self._flag_rate else None,
         }

@@ -105,6 +105,10 @@ class SRConfig:
     bn_mode: str = "eval"
     """BatchNorm during SR: ``eval`` (running statistics) or ``batch`` (batch statistics, as the
     reference's train-mode student; running statistics are left unchanged either way)."""
+    max_grad_ratio: float | None = None
+    """Optional cap (our addition, not in the paper): the added SR gradient's L2 norm is at
+    most this multiple of the norm of the gradient already in ``.grad`` (the KD loss'), so
+    SR cannot overpower the distillation that anchors the student. None = no cap."""
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -139,6 +143,8 @@ class SRConfig:
             raise ValueError(f"SRConfig.bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}")
         if not is_num(self.delta_l2) or self.delta_l2 < 0:
             raise ValueError(f"SRConfig.delta_l2 must be a finite number >= 0, got {self.delta_l2!r}")
+        if self.max_grad_ratio is not None and (not is_num(self.max_grad_ratio) or self.max_grad_ratio <= 0):
+            raise ValueError(f"SRConfig.max_grad_ratio must be None or a finite number > 0, got {self.max_grad_ratio!r}")
 
 
 @contextmanager
@@ -316,14 +322,16 @@ def add_sr_gradient(
     ``sr_hypergradient(model, x, delta, cfg, generator)`` (Grazzi et al., 2020 fixed-point
     hypergradient) with ``generator = torch.Generator().manual_seed(seed)`` when ``seed`` is
     given (else the global RNG), and adds it, scaled by ``cfg.weight``, into every trainable
-    parameter's ``.grad`` (created when None). Model mode and BN statistics are unchanged.
+    parameter's ``.grad`` (created when None). With ``cfg.max_grad_ratio`` set, the scale is
+    lowered where needed so that the added term's norm is at most that multiple of the
+    norm of the gradient already in ``.grad``. Model mode and BN statistics are unchanged.
 
     With ``cfg.delta_source == "teacher"``, ``delta`` maximises the shift of ``teacher``'s
     output instead (the reference's option); the hypergradient is still the student's.
 
     Returns logs: ``sr_kl`` (``kl_shift`` on the full batch at ``delta``), ``sr_delta_norm``
     (L2 norm of ``delta``), ``sr_delta_linf`` and ``sr_hypergrad_norm`` (L2 norm of the
-    unscaled hypergradient over all parameters).
+    unscaled hypergradient over all parameters) and ``sr_scale`` (the scale applied).
     """
     if cfg.delta_source == "teacher" and teacher is None:
         raise ValueError("SRConfig.delta_source='teacher' needs the teacher model")
@@ -332,15 +340,21 @@ def add_sr_gradient(
     hyper, kl_value = _hypergradient(model, x, delta, cfg, generator)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
+        hyper_norm = math.sqrt(sum(float(h.pow(2).sum()) for h in hyper))
+        scale = cfg.weight
+        if cfg.max_grad_ratio is not None:
+            kd_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params if p.grad is not None))
+            if scale * hyper_norm > cfg.max_grad_ratio * kd_norm:
+                scale = cfg.max_grad_ratio * kd_norm / hyper_norm
         for p, h in zip(params, hyper):
             if p.grad is None:
-                p.grad = (cfg.weight * h).to(p.dtype)
+                p.grad = (scale * h).to(p.dtype)
             else:
-                p.grad.add_(h.to(p.grad.dtype), alpha=cfg.weight)
-        hyper_norm = math.sqrt(sum(float(h.pow(2).sum()) for h in hyper))
+                p.grad.add_(h.to(p.grad.dtype), alpha=scale)
     return {
         "sr_kl": kl_value,
         "sr_delta_norm": float(delta.norm()),
         "sr_delta_linf": float(delta.abs().max()),
         "sr_hypergrad_norm": hyper_norm,
+        "sr_scale": scale,
     }
