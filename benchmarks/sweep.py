@@ -33,6 +33,11 @@ SETTINGS = {
 }
 
 
+def _without_output_dir(args: list[str]) -> list[str]:
+    """A run's arguments less ``output_dir`` (a run directory may be moved)."""
+    return [a for a in args if not a.startswith("output_dir=")]
+
+
 def run_one(out: Path, label: str, overrides: list[str], seed: int, resume: bool = False) -> dict:
     """One ``abd-fl`` run in its own process; its summary (plus ``_wall_s`` and the last
     detection record). ``resume``: a finished run with the same overrides (``sweep_run.json``
@@ -41,7 +46,7 @@ def run_one(out: Path, label: str, overrides: list[str], seed: int, resume: bool
     cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
     record = run_out / "sweep_run.json"
     previous = json.loads(record.read_text()) if resume and record.is_file() else None
-    if previous is not None and previous.get("args") == cmd[3:]:
+    if previous is not None and _without_output_dir(previous.get("args", [])) == _without_output_dir(cmd[3:]):
         wall = float(previous["wall_s"])
     else:
         t0 = time.perf_counter()

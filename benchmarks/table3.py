@@ -84,14 +84,15 @@ def cell(runs: list[dict], role: str) -> str:
     ms = [r[role] for r in runs if role in r]
     if not ms:
         return "n/a"
-    return f"{fmt([m['acc'] for m in ms])} / {fmt([m['asr'] for m in ms])} ({fmt([m['asr_floor'] for m in ms])})"
+    floor = sum(m["asr_floor"] for m in ms) / len(ms)
+    return f"{fmt([m['acc'] for m in ms])} / {fmt([m['asr'] for m in ms])} (floor {100 * floor:.1f})"
 
 
 def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: list[int], cmd: str) -> str:
     lines = [
         f"<!-- produced by: {cmd} -->",
         f"### Table 3 on embedded digits ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
-        "Acc / ASR (floor) in %, mean (min-max))",
+        "Acc / ASR in %, mean (min-max); floor: mean share of clean non-target images predicted as the target)",
         "",
         "| setting | method | baseline | +ABD | clean KD | ABD target met | vaccines found per seed | wall s |",
         "|---|---|---|---|---|---|---|---:|",
