@@ -38,6 +38,11 @@ def _without_output_dir(args: list[str]) -> list[str]:
     return [a for a in args if not a.startswith("output_dir=")]
 
 
+class RunFailed(SystemExit):
+    """A sweep run that exited non-zero (a ``SystemExit``, so a script that does not catch it
+    stops with the message, as before)."""
+
+
 def run_one(out: Path, label: str, overrides: list[str], seed: int, resume: bool = False) -> dict:
     """One ``abd-fl`` run in its own process; its summary (plus ``_wall_s`` and the last
     detection record). ``resume``: a finished run with the same overrides (``sweep_run.json``
@@ -52,7 +57,7 @@ def run_one(out: Path, label: str, overrides: list[str], seed: int, resume: bool
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+            raise RunFailed(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
         wall = time.perf_counter() - t0
         record.write_text(json.dumps({"args": cmd[3:], "wall_s": wall}))
     summary = json.loads((run_out / "latest" / "summary.json").read_text())

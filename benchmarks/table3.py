@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import ROOT, fmt, run_one  # noqa: E402
+from sweep import ROOT, RunFailed, fmt, run_one  # noqa: E402
 
 CENTRAL = {
     "zskt": ["experiment=central", "distill=zskt"],
@@ -88,7 +88,9 @@ def cell(runs: list[dict], role: str) -> str:
     return f"{fmt([m['acc'] for m in ms])} / {fmt([m['asr'] for m in ms])} (floor {100 * floor:.1f})"
 
 
-def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: list[int], cmd: str) -> str:
+def write_results(
+    out: Path, results: dict[str, dict[str, list[dict]]], seeds: list[int], cmd: str, failures: list[str] | None = None
+) -> str:
     lines = [
         f"<!-- produced by: {cmd} -->",
         f"### Table 3 on embedded digits ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
@@ -99,6 +101,8 @@ def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: l
     ]
     for part, methods in results.items():
         for method, runs in methods.items():
+            if not runs:
+                continue
             base = [r["dfkd_student"] for r in runs if "dfkd_student" in r]
             abd = [r["abd_student"] for r in runs if "abd_student" in r]
             verdict = "n/a"
@@ -119,6 +123,8 @@ def write_results(out: Path, results: dict[str, dict[str, list[dict]]], seeds: l
         "Algorithm 2 runs Self-Retrospection instead. FedGen's baseline is the FedAvg model that "
         "FedGen trains (not distilled); its +ABD arm is the data-free repair of it (README).",
     ]
+    if failures:
+        lines += ["", "Failed runs (left out of the means above):", *[f"- {f}" for f in failures]]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -131,8 +137,8 @@ def save_plot(out: Path, results: dict[str, dict[str, list[dict]]]) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    labels = [f"{part}:{m}" for part, ms in results.items() for m in ms]
-    runs = [r for ms in results.values() for r in ms.values()]
+    labels = [f"{part}:{m}" for part, ms in results.items() for m, rs in ms.items() if rs]
+    runs = [rs for ms in results.values() for rs in ms.values() if rs]
     if not runs:
         return
     fig, axes = plt.subplots(1, 2, figsize=(max(7, 1.3 * len(labels)), 3.4))
@@ -173,6 +179,7 @@ def main() -> None:
     parts = {"central": CENTRAL, "fl": FL} if args.part == "both" else {args.part: CENTRAL if args.part == "central" else FL}
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}
+    failures: list[str] = []
     for part, methods in parts.items():
         for method, overrides in methods.items():
             if args.methods and method not in args.methods:
@@ -180,15 +187,23 @@ def main() -> None:
             label = f"{part}-{method}"
             runs = results.setdefault(part, {}).setdefault(method, [])
             for seed in args.seeds:
-                summary = run_one(out, label, [*overrides, *args.overrides], seed, resume=args.resume)
+                try:
+                    summary = run_one(out, label, [*overrides, *args.overrides], seed, resume=args.resume)
+                except RunFailed as err:  # keep going: one failed run must not lose the rest of a long sweep
+                    print(f"{label} seed {seed}: {err}", file=sys.stderr)
+                    failures.append(f"{label} seed {seed}: {str(err).splitlines()[-1] if str(err) else 'failed'}")
+                    write_results(out, results, args.seeds, cmd, failures)
+                    continue
                 summary["_vaccines"] = vaccine_report(out / f"{label}-seed{seed}")
                 runs.append(summary)
                 (out / "runs.json").write_text(json.dumps(results, indent=1))
-                write_results(out, results, args.seeds, cmd)
-    text = write_results(out, results, args.seeds, cmd)
+                write_results(out, results, args.seeds, cmd, failures)
+    text = write_results(out, results, args.seeds, cmd, failures)
     save_plot(out, results)
     print(text)
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")
+    if failures:
+        sys.exit(f"{len(failures)} run(s) failed: see {out / 'results.md'}")
 
 
 if __name__ == "__main__":
