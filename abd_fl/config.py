@@ -94,6 +94,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         _number(f"distill.{key}", dist[key], 0 if key == "iterations" else 1, None, integer=True)
     _number("distill.lr", dist["lr"], 1e-12, None)
     _number("distill.temperature", dist["temperature"], 1e-9, None)
+    _number("distill.attention_beta", dist.get("attention_beta", 0.0), 0.0, None)
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False):
         _number("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)

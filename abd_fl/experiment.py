@@ -303,6 +303,7 @@ def distill_config(cfg: Mapping[str, Any]) -> DistillConfig:
         lr=float(d["lr"]),
         temperature=float(d["temperature"]),
         seed=int(cfg["seed"]),
+        attention_beta=float(d.get("attention_beta", 0.0)),
     )
 
 
@@ -351,7 +352,8 @@ def distill_clean_kd_reference(
 ) -> nn.Module:
     """The clean-KD reference (the paper's "Clean KD"): a fresh student distilled from the
     same teachers on ``clean_kd_reference.fraction`` of the clean training images, with the
-    data-free student's KD loss; only the inputs differ. A reference point, not a defense."""
+    data-free student's KD loss (attention transfer included when ``distill.attention_beta``
+    is set); only the inputs differ. A reference point, not a defense."""
     ref = cfg["clean_kd_reference"]
     student = build_named_model(cfg, bundle, "student")
     distill(
@@ -365,6 +367,7 @@ def distill_clean_kd_reference(
             lr=float(cfg["distill"]["lr"]),
             temperature=float(ref["temperature"]),
             seed=int(cfg["seed"]),
+            attention_beta=float(cfg["distill"].get("attention_beta", 0.0)),
         ),
         device=device,
     )

@@ -6,18 +6,24 @@ synthesis step (``synthesizer.generator_round``), then ``student_steps`` KD step
 fresh surrogate batches. The defense (see :mod:`abd_fl.distill.hooks`) acts at three
 points: the generator loss, per-sample KD weights, and an extra student gradient in the
 late phase (with a fresh optimizer at a small learning rate, as ABD's SR does).
+
+With ``attention_beta > 0`` the student's per-sample loss is ``KD + beta * AT``, AT being
+attention transfer on the stage outputs (ZSKT's student term, :mod:`abd_fl.distill.attention`);
+a defense's per-sample weights then scale that whole per-sample loss.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
 from abd_fl.distill.ensemble import TeacherEnsemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
 from abd_fl.distill.losses import kd_kl_per_sample
@@ -36,6 +42,8 @@ class DistillConfig:
     cosine: bool = True
     seed: int = 0
     log_every: int = 50
+    attention_beta: float = 0.0
+    """Weight of attention transfer in the student's loss (0 = off; ZSKT uses 250)."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "student_steps", "batch_size"):
@@ -46,6 +54,9 @@ class DistillConfig:
             raise ValueError(f"distill.lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
+        beta = self.attention_beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
 
 
 @dataclass
@@ -117,6 +128,9 @@ def distill(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cfg.cosine else None
     late_started = False
     history: list[dict[str, float]] = []
+    use_at = cfg.attention_beta > 0
+    student_rec = StageRecorder(student) if use_at else None
+    teacher_recs = [StageRecorder(t) for t in ensemble.teachers] if use_at else []
     for it in range(cfg.iterations):
         if defense is not None:
             t0 = time.perf_counter()
@@ -129,12 +143,20 @@ def distill(
                 optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
                 scheduler = None
         logs = synthesizer.generator_round(it)
-        kd_total = 0.0
+        kd_total, at_total = 0.0, 0.0
         for _ in range(cfg.student_steps):
             x = synthesizer.sample(cfg.batch_size)
-            with torch.no_grad():
+            with torch.no_grad(), recording(teacher_recs):
                 t_logits = ensemble(x)
-            per_sample = kd_kl_per_sample(student(x), t_logits, cfg.temperature)
+            with student_rec if student_rec is not None else nullcontext():
+                s_logits = student(x)
+            per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature)
+            if student_rec is not None:
+                at = attention_transfer_per_sample(
+                    student_rec.outputs, [r.outputs for r in teacher_recs], ensemble.weights
+                )
+                at_total += float(at.detach().mean())
+                per_sample = per_sample + cfg.attention_beta * at
             weights = None
             if defense is not None:
                 t0 = time.perf_counter()
@@ -152,6 +174,8 @@ def distill(
                 scheduler.step()
             kd_total += float(loss.detach())
         logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase)}
+        if use_at:
+            logs["at_loss"] = at_total / cfg.student_steps
         if cfg.log_every and (it % cfg.log_every == 0 or it == cfg.iterations - 1):
             history.append({"iteration": float(it), **logs})
         if progress is not None:

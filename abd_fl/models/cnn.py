@@ -40,5 +40,10 @@ class DigitsCNN(nn.Module):
         """Pooled penultimate features (N, feature_dim)."""
         return self.body(x)
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The modules whose outputs are the three conv blocks' activations (after ReLU),
+        at full, 1/2 and 1/4 resolution: the attention-transfer points."""
+        return [m for m in self.body if isinstance(m, nn.ReLU)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -51,6 +51,11 @@ class ClassifierWithNormalization(nn.Module):
         """Penultimate features (N, feature_dim) of pixel-space input ``x``."""
         return self.net.features(self.normalize(x))
 
+    def stage_modules(self) -> list[nn.Module]:
+        """Modules of ``net`` whose outputs are its stage activations, shallow to deep
+        (attention transfer records them with forward hooks)."""
+        return list(self.net.stage_modules())
+
     @property
     def classifier(self) -> nn.Linear:
         """The final linear layer of ``net``."""

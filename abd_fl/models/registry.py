@@ -31,7 +31,9 @@ def build_model(
     The result's ``forward`` returns logits; ``features(x)`` gives the penultimate features,
     ``classifier`` (alias ``head``) the final Linear and ``feature_dim`` its input width, with
     ``forward(x) == head(features(x))`` exactly. A new architecture must offer ``features(x)``,
-    ``classifier`` and ``feature_dim`` (tests/test_fedgen.py checks every registered name).
+    ``classifier`` and ``feature_dim`` (tests/test_fedgen.py checks every registered name), and
+    ``stage_modules()``: the modules whose outputs are its stage activations, shallow to deep
+    (attention transfer; tests/test_attention.py checks every registered name).
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODEL_NAMES)}")

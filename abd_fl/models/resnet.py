@@ -52,5 +52,9 @@ class ResNet18(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return torch.flatten(self.pool(out), 1)
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The four layers, whose outputs are the attention-transfer points."""
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))

@@ -84,5 +84,10 @@ class WideResNet(nn.Module):
         out = F.relu(self.bn(out))
         return torch.flatten(self.pool(out), 1)
 
+    def stage_modules(self) -> list[nn.Module]:
+        """The three groups, whose outputs are the attention-transfer points of ZSKT
+        (Micaelli & Storkey, 2019) and of attention transfer (Zagoruyko & Komodakis, 2017)."""
+        return [self.block1, self.block2, self.block3]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
