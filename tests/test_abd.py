@@ -107,3 +107,35 @@ def test_sr_only_variant_never_searches(poisoned_digits16: dict) -> None:
                      defense=defense, config=DistillConfig(iterations=4, student_steps=1, batch_size=32))
     assert result.defense_report["teachers"] == [{"searched": False}]
     assert result.defense_report["sr_steps"] == 2
+
+
+class _CountingSynthesizer(FixedDataSynthesizer):
+    """Fixed data whose every batch is filled with its own index, so a cached batch says when it was drawn."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.zeros(16, 1, 8, 8))
+        self.drawn = 0
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        self.drawn += 1
+        return torch.full((batch_size, 1, 8, 8), float(self.drawn) / 1000)
+
+
+class _RecordingABD(ABDDefense):
+    def _search(self) -> None:
+        self.searched_on = [round(float(b[0, 0, 0, 0]) * 1000) for b in self._cache]
+        super()._search()
+
+
+@pytest.mark.parametrize("mode, expected", [("first", [1, 2, 3]), ("latest", [8, 9, 10])])
+def test_the_vaccine_search_uses_the_first_or_the_latest_inputs(mode: str, expected: list[int]) -> None:
+    # 10 iterations x 2 student steps; the search is at iteration 5 (warm-up 50%), after 10 batches
+    defense = _RecordingABD(_cfg(surrogate=mode, surrogate_batches=3, warmup_fraction=0.5, sr="off"))
+    distill([_student(1)], _student(), _CountingSynthesizer(), defense=defense,
+            config=DistillConfig(iterations=10, student_steps=2, batch_size=4))
+    assert defense.searched_on == expected
+
+
+def test_an_unknown_surrogate_mode_fails_with_one_line() -> None:
+    with pytest.raises(ValueError, match="unknown defense.surrogate 'middle'; choose one of: first, latest"):
+        ABDConfig(surrogate="middle")

@@ -6,10 +6,13 @@ then, if Self-Retrospection is activated, distil with SR.
 
 Here, for a data-free *federated* server (one vaccine per client teacher):
 
-- **Surrogate samples**: the loop's own distillation inputs of the first
-  ``warmup_fraction`` of iterations are cached (the paper: "we first run data-free KD to
-  cache some surrogate data"); at the end of the warm-up every teacher gets its own
-  vaccine search (:func:`abd_fl.defense.vaccine.search_vaccine`).
+- **Surrogate samples** (the paper: "we first run data-free KD to cache some surrogate
+  data"): ``surrogate_batches`` of the loop's own distillation inputs are cached, and at
+  the end of the warm-up (``warmup_fraction`` of the iterations) every teacher gets its
+  own vaccine search (:func:`abd_fl.defense.vaccine.search_vaccine`). Which inputs:
+  ``surrogate="first"`` (default), the first ones the loop sees, as the reference code
+  (its ZSKT caches pseudo-batches 11-50 of 80k); ``"latest"``, the last ones before the
+  search, i.e. samples of the generator as the warm-up has trained it.
 - **SV on synthesis** (Sec. 4.1 (1)): the generator's loss gets, for every vaccinated
   teacher ``i``, ``-coef * mean_{phi_i} KL(T_i || T~_i)`` (averaged over vaccinated
   teachers), each teacher with its own shuffled copy.
@@ -42,6 +45,7 @@ from abd_fl.distill.hooks import DistillContext, NullDefense
 log = logging.getLogger("abd_fl")
 
 SR_MODES = ("auto", "on", "off")
+SURROGATE_MODES = ("first", "latest")
 WEIGHT_MODES = ("paper", "reference", "off")
 DEFENSE_NAMES = ("none", "abd", "sv", "sr")
 
@@ -54,6 +58,7 @@ class ABDConfig:
     sr: str = "auto"
     warmup_fraction: float = 0.05
     surrogate_batches: int = 20
+    surrogate: str = "first"
     num_layers: int = 5
     num_shuffles: int = 3
     threshold: float = 0.02
@@ -73,6 +78,8 @@ class ABDConfig:
     def __post_init__(self) -> None:
         if self.sr not in SR_MODES:
             raise ValueError(f"unknown defense.sr '{self.sr}'; choose one of: {', '.join(SR_MODES)}")
+        if self.surrogate not in SURROGATE_MODES:
+            raise ValueError(f"unknown defense.surrogate '{self.surrogate}'; choose one of: {', '.join(SURROGATE_MODES)}")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"unknown defense.weights '{self.weights}'; choose one of: {', '.join(WEIGHT_MODES)}")
         for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor"):
@@ -187,8 +194,9 @@ class ABDDefense(NullDefense):
 
     def kd_sample_weights(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
         if not self._searched:
-            if len(self._cache) < self.cfg.surrogate_batches:
+            if self.cfg.surrogate == "latest" or len(self._cache) < self.cfg.surrogate_batches:
                 self._cache.append(x.detach())
+                del self._cache[: -self.cfg.surrogate_batches]  # latest: a window of the last batches
             return None
         active = self._active()
         if not active or self.cfg.weights == "off":
