@@ -8,7 +8,8 @@
 Centralized (the paper's own setting, ``experiment=central``): one poisoned teacher
 distilled by ZSKT, CMI, OOD patches and DENSE. Federated (the FL default scenario, Flower
 + Ray): the one-shot ZSKT default, and the strategy presets DENSE, FedFTG, FedDF and
-FedGen (the multi-round presets: 2 rounds of 15 local epochs). Every run distils the undefended arm (``dfkd_student``) and the ABD arm
+FedGen (the multi-round presets: 2 rounds of 15 local epochs, half the distillation
+iterations per round). Every run distils the undefended arm (``dfkd_student``) and the ABD arm
 (``abd_student``) from the same teachers, beside the clean-KD reference.
 
 Writes ``outputs/sweeps/table3/``: every run's directory, ``results.md`` (rewritten after
@@ -33,15 +34,16 @@ CENTRAL = {
     "ood": ["experiment=central", "distill=ood"],
     "dense": ["experiment=central", "distill=dense"],
 }
-# Multi-round presets run 2 rounds of 15 local epochs: the same local training as the
-# one-shot runs' 1 x 30, and FedGen needs a second round for its generator to reach the
+# Multi-round presets run 2 rounds of 15 local epochs and half their synthesizer's
+# iterations per round: the same local training (1 x 30) and the same total distillation
+# budget as a one-shot run. FedGen needs a second round for its generator to reach the
 # clients (it is trained after round 1's aggregation and sent with round 2's model).
 MULTI_ROUND = ["simulation.rounds=2", "simulation.local_epochs=15"]
 FL = {
     "dense": ["strategy=dense"],
-    "fedftg": ["strategy=fedftg", *MULTI_ROUND],
-    "feddf": ["strategy=feddf", *MULTI_ROUND],
-    "fedgen": ["strategy=fedgen", *MULTI_ROUND],
+    "fedftg": ["strategy=fedftg", *MULTI_ROUND, "distill.iterations=75"],  # DENSE: 150 one-shot
+    "feddf": ["strategy=feddf", *MULTI_ROUND, "distill.iterations=250"],  # OOD patches: 500
+    "fedgen": ["strategy=fedgen", *MULTI_ROUND, "strategy.fedgen.defense_iterations=250"],  # ZSKT repair: 500
     "zskt_one_shot": [],  # the FL default scenario (also README results item 2)
 }
 ROLES = (("dfkd_student", "baseline"), ("abd_student", "+ABD"), ("clean_kd_reference", "clean KD"))
