@@ -34,18 +34,45 @@ CENTRAL = {
     "ood": ["experiment=central", "distill=ood"],
     "dense": ["experiment=central", "distill=dense"],
 }
-# Multi-round presets run 2 rounds of 15 local epochs and half their synthesizer's
-# iterations per round: the same local training (1 x 30) and the same total distillation
-# budget as a one-shot run. FedGen needs a second round for its generator to reach the
-# clients (it is trained after round 1's aggregation and sent with round 2's model).
-MULTI_ROUND = ["simulation.rounds=2", "simulation.local_epochs=15"]
+# Multi-round presets split a one-shot run's budgets over ROUNDS rounds: the local epochs
+# and their synthesizer's iterations per round are those of the composed config divided
+# by ROUNDS (default 30 -> 15 epochs; DENSE 150 -> 75, OOD patches 500 -> 250, FedGen's
+# ZSKT repair 500 -> 250 iterations), so every FL method gets the same local training and
+# the same total distillation budget. FedGen needs a second round for its generator to
+# reach the clients (it is trained after round 1's aggregation and sent with round 2's model).
+ROUNDS = 2
+MULTI_ROUND = ("fedftg", "feddf", "fedgen")
 FL = {
     "dense": ["strategy=dense"],
-    "fedftg": ["strategy=fedftg", *MULTI_ROUND, "distill.iterations=75"],  # DENSE: 150 one-shot
-    "feddf": ["strategy=feddf", *MULTI_ROUND, "distill.iterations=250"],  # OOD patches: 500
-    "fedgen": ["strategy=fedgen", *MULTI_ROUND, "strategy.fedgen.defense_iterations=250"],  # ZSKT repair: 500
+    "fedftg": ["strategy=fedftg"],
+    "feddf": ["strategy=feddf"],
+    "fedgen": ["strategy=fedgen"],
     "zskt_one_shot": [],  # the FL default scenario (also README results item 2)
 }
+
+
+def run_overrides(part: str, method: str, user: list[str]) -> list[str]:
+    """The Hydra overrides of one run: the method's, the user's, then (multi-round FL
+    presets) the per-round budgets computed from the config those two compose to."""
+    base = [*(CENTRAL if part == "central" else FL)[method], *user]
+    if part != "fl" or method not in MULTI_ROUND:
+        return base
+    from abd_fl.paths import compose_config
+
+    cfg = compose_config(base)
+
+    def per_round(n: int) -> int:
+        return max(1, int(n) // ROUNDS)
+
+    split = [f"simulation.rounds={ROUNDS}", f"simulation.local_epochs={per_round(cfg['simulation']['local_epochs'])}"]
+    if method == "fedgen":
+        iters = cfg["strategy"]["fedgen"].get("defense_iterations") or cfg["distill"]["iterations"]
+        split.append(f"strategy.fedgen.defense_iterations={per_round(iters)}")
+    else:
+        split.append(f"distill.iterations={per_round(cfg['distill']['iterations'])}")
+    return [*base, *split]
+
+
 ROLES = (("dfkd_student", "baseline"), ("abd_student", "+ABD"), ("clean_kd_reference", "clean KD"))
 
 
@@ -183,14 +210,15 @@ def main() -> None:
     results: dict[str, dict[str, list[dict]]] = {}
     failures: list[str] = []
     for part, methods in parts.items():
-        for method, overrides in methods.items():
+        for method in methods:
             if args.methods and method not in args.methods:
                 continue
+            overrides = run_overrides(part, method, args.overrides)
             label = f"{part}-{method}"
             runs = results.setdefault(part, {}).setdefault(method, [])
             for seed in args.seeds:
                 try:
-                    summary = run_one(out, label, [*overrides, *args.overrides], seed, resume=args.resume)
+                    summary = run_one(out, label, overrides, seed, resume=args.resume)
                 except RunFailed as err:  # keep going: one failed run must not lose the rest of a long sweep
                     print(f"{label} seed {seed}: {err}", file=sys.stderr)
                     failures.append(f"{label} seed {seed}: {str(err).splitlines()[-1] if str(err) else 'failed'}")
