@@ -141,8 +141,9 @@ def write_results(
                 a_asr = sum(m["asr"] for m in abd) / len(abd)
                 verdict = "baseline ASR < 50%" if b_asr < 0.5 else ("yes" if a_asr <= 0.10 and drop <= 0.05 else "no")
             wall = sum(r["_wall_s"] for r in runs) / len(runs)
+            name = method if len(runs) == len(seeds) else f"{method} (n={len(runs)})"  # some runs failed
             lines.append(
-                f"| {part} | {method} | {cell(runs, 'dfkd_student')} | {cell(runs, 'abd_student')} "
+                f"| {part} | {name} | {cell(runs, 'dfkd_student')} | {cell(runs, 'abd_student')} "
                 f"| {cell(runs, 'clean_kd_reference')} | {verdict} | {vaccine_cell(runs)} | {wall:.0f} |"
             )
     lines += [

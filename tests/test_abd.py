@@ -139,3 +139,12 @@ def test_the_vaccine_search_uses_the_first_or_the_latest_inputs(mode: str, expec
 def test_an_unknown_surrogate_mode_fails_with_one_line() -> None:
     with pytest.raises(ValueError, match="unknown defense.surrogate 'middle'; choose one of: first, latest"):
         ABDConfig(surrogate="middle")
+
+
+@pytest.mark.parametrize("mode", ["first", "latest"])
+def test_a_short_cache_is_topped_up_with_fresh_samples_at_the_search(mode: str) -> None:
+    # 2 batches seen before the search at iteration 1, 5 wanted: 3 fresh ones are drawn then
+    defense = _RecordingABD(_cfg(surrogate=mode, surrogate_batches=5, warmup_fraction=0.1, sr="off"))
+    distill([_student(1)], _student(), _CountingSynthesizer(), defense=defense,
+            config=DistillConfig(iterations=10, student_steps=2, batch_size=4))
+    assert defense.searched_on == [1, 2, 3, 4, 5]

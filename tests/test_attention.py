@@ -42,6 +42,12 @@ def test_attention_map_is_a_unit_channel_mean_of_squares() -> None:
         attention_map(torch.randn(3, 5))
 
 
+STAGE_WIDTHS = {
+    "cnn_small": [16, 32, 32], "cnn": [32, 64, 64], "wrn16_1": [16, 32, 64], "wrn16_2": [32, 64, 128],
+    "wrn40_2": [32, 64, 128], "resnet18": [64, 128, 256, 512],
+}
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_records_its_stages_in_order_and_leaves_no_hook(name: str) -> None:
     net = model(name, channels=3).eval()
@@ -54,6 +60,9 @@ def test_every_model_records_its_stages_in_order_and_leaves_no_hook(name: str) -
     sizes = [o.shape[-1] for o in rec.outputs]
     assert all(o.ndim == 4 and o.shape[0] == 2 for o in rec.outputs)
     assert sizes == sorted(sizes, reverse=True)  # shallow to deep: resolution never grows
+    assert [o.shape[1] for o in rec.outputs] == STAGE_WIDTHS[name]  # the stages' own widths
+    if not name.startswith("wrn"):  # the digits CNN's and ResNet's stages end in a ReLU (a WRN's groups do not)
+        assert all(float(o.detach().min()) >= 0 for o in rec.outputs)
     assert all(not m._forward_hooks for m in net.modules())
 
 
@@ -69,7 +78,6 @@ def test_the_loss_is_zero_for_the_teacher_itself_and_positive_for_another_model(
     assert bool((at > 0).all())
     at.mean().backward()
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in student.parameters())
-    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_ensemble_weights_choose_the_teachers_map() -> None:
@@ -132,14 +140,40 @@ def test_the_loop_option_lowers_the_attention_distance_and_logs_it(one_torch_thr
     assert math.isfinite(with_at.history[-1]["kd_loss"])
 
 
-def test_the_loop_option_works_with_an_ensemble_of_teachers(one_torch_thread) -> None:
-    teachers = TeacherEnsemble([model("cnn", seed=s).eval() for s in (1, 3, 5)], weights=[2.0, 1.0, 1.0])
-    student = model("cnn_small", seed=2)
-    result = distill(
-        teachers, student, FixedDataSynthesizer(torch.rand(64, 1, 8, 8)),
-        config=DistillConfig(iterations=3, student_steps=1, batch_size=32, log_every=1, attention_beta=10.0),
+def test_the_loop_option_weights_an_ensemble_of_teachers(one_torch_thread) -> None:
+    members = [model("cnn", seed=s).eval() for s in (1, 3, 5)]
+    images = torch.rand(64, 1, 8, 8)
+    config = DistillConfig(iterations=3, student_steps=2, batch_size=32, log_every=1, attention_beta=10.0)
+
+    def run(teachers) -> tuple[nn.Module, list[dict]]:
+        student = model("cnn_small", seed=2)
+        result = distill(teachers, student, FixedDataSynthesizer(images), config=config)
+        return student, result.history
+
+    weighted, history = run(TeacherEnsemble(members, weights=[2.0, 1.0, 1.0]))
+    assert all(math.isfinite(h["at_loss"]) and h["at_loss"] > 0 for h in history)
+    first_only, _ = run(TeacherEnsemble(members, weights=[1.0, 0.0, 0.0]))
+    alone, _ = run([members[0]])
+    for a, b in zip(first_only.state_dict().values(), alone.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)  # a zero weight removes a teacher from KD and AT
+    assert not all(
+        torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(weighted.state_dict().values(), alone.state_dict().values())
     )
-    assert all(math.isfinite(h["at_loss"]) and h["at_loss"] > 0 for h in result.history)
+
+
+def test_attention_transfer_with_abd_leaves_no_hook_behind(one_torch_thread) -> None:
+    from abd_fl.defense import ABDConfig, ABDDefense, SRConfig
+
+    teachers = [model("cnn", seed=s).eval() for s in (1, 3)]
+    student = model("cnn_small", seed=2)
+    defense = ABDDefense(ABDConfig(num_layers=1, surrogate_batches=2, warmup_fraction=0.25, sr="on", sr_fraction=0.5,
+                                   sr_config=SRConfig(n_delta=1, fixed_point_steps=1)))
+    result = distill(teachers, student, FixedDataSynthesizer(torch.rand(64, 1, 8, 8)), defense=defense,
+                     config=DistillConfig(iterations=4, student_steps=1, batch_size=32, log_every=1, attention_beta=10.0))
+    assert result.defense_report["sr_steps"] == 2 and all("at_loss" in h for h in result.history)
+    shuffled = [v.shuffled for v in defense._vaccines if v is not None and v.shuffled is not None]
+    for net in [student, *teachers, *shuffled]:
+        assert all(not m._forward_hooks for m in net.modules())
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), True, "x"])
@@ -155,6 +189,8 @@ def test_the_config_key_reaches_the_loop_and_bad_values_fail_with_one_line() -> 
     assert compose_config(["experiment=gtsrb_paper"])["distill"]["attention_beta"] == 0.0  # the paper drops it on GTSRB
     with pytest.raises(ConfigError, match=r"distill.attention_beta must be in \[0.0, inf\], got -1"):
         validate_config(compose_config(["distill.attention_beta=-1"]))
+    with pytest.raises(ConfigError, match="distill.attention_beta must be a finite number, got inf"):
+        validate_config(compose_config(["distill.attention_beta=inf"]))  # refused before any client trains
 
 
 def test_recording_activates_several_recorders_and_removes_their_hooks() -> None:

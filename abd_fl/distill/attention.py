@@ -22,7 +22,7 @@ WRN; only the student sees this term, the generator still maximises the KL alone
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -80,14 +80,12 @@ class StageRecorder:
 
 @contextmanager
 def recording(recorders: Sequence[StageRecorder]) -> Iterator[None]:
-    """Activate several recorders at once (e.g. one per teacher of an ensemble)."""
-    for r in recorders:
-        r.__enter__()
-    try:
-        yield
-    finally:
+    """Activate several recorders at once (e.g. one per teacher of an ensemble); every hook
+    registered is removed on exit, also when a later recorder fails to start."""
+    with ExitStack() as stack:
         for r in recorders:
-            r.__exit__(None, None, None)
+            stack.enter_context(r)
+        yield
 
 
 def attention_transfer_per_sample(
@@ -113,12 +111,12 @@ def attention_transfer_per_sample(
     if k == 0:
         raise ValueError("attention transfer: no stage activations were recorded")
     if teacher_weights is None:
-        w = torch.full((len(teacher_stages),), 1.0 / len(teacher_stages))
+        w = [1.0 / len(teacher_stages)] * len(teacher_stages)
     else:
-        w = torch.as_tensor(teacher_weights, dtype=torch.float32).flatten()
-        if w.numel() != len(teacher_stages):
-            raise ValueError(f"{len(teacher_stages)} teachers but {w.numel()} ensemble weights")
-        w = w / w.sum()
+        w = torch.as_tensor(teacher_weights, dtype=torch.float32).flatten().tolist()  # one device sync, not one per map
+        if len(w) != len(teacher_stages):
+            raise ValueError(f"{len(teacher_stages)} teachers but {len(w)} ensemble weights")
+        w = [wi / sum(w) for wi in w]
     s_stages = list(student_stages)[-k:]
     t_stages = [list(t)[-k:] for t in teacher_stages]
     total = None
@@ -126,7 +124,7 @@ def attention_transfer_per_sample(
         sizes = [tuple(s_act.shape[-2:])] + [tuple(t[j].shape[-2:]) for t in t_stages]
         size = (min(h for h, _ in sizes), min(w_ for _, w_ in sizes))
         a_s = attention_map(s_act, size)
-        a_t = sum(float(wi) * attention_map(t[j], size) for wi, t in zip(w, t_stages))
+        a_t = sum(wi * attention_map(t[j], size) for wi, t in zip(w, t_stages, strict=True))
         a_t = F.normalize(a_t, dim=1).to(a_s)
         term = (a_s - a_t).pow(2).mean(dim=1)
         total = term if total is None else total + term

@@ -151,18 +151,23 @@ def distill(
             with student_rec if student_rec is not None else nullcontext():
                 s_logits = student(x)
             per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature)
-            if student_rec is not None:
-                at = attention_transfer_per_sample(
-                    student_rec.outputs, [r.outputs for r in teacher_recs], ensemble.weights
-                )
-                at_total += float(at.detach().mean())
-                per_sample = per_sample + cfg.attention_beta * at
             weights = None
             if defense is not None:
                 t0 = time.perf_counter()
                 weights = defense.kd_sample_weights(x, t_logits)
                 defense_time += time.perf_counter() - t0
             loss = per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()
+            kd_value = float(loss.detach())
+            if student_rec is not None:  # + beta * AT, scaled by the same per-sample weights
+                at = attention_transfer_per_sample(
+                    student_rec.outputs, [r.outputs for r in teacher_recs], ensemble.weights
+                )
+                student_rec.outputs = []
+                for r in teacher_recs:
+                    r.outputs = []
+                at_total += float(at.detach().mean())
+                at = at if weights is None else weights.to(at) * at
+                loss = loss + cfg.attention_beta * at.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if in_late_phase:
@@ -172,7 +177,7 @@ def distill(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            kd_total += float(loss.detach())
+            kd_total += kd_value
         logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase)}
         if use_at:
             logs["at_loss"] = at_total / cfg.student_steps
