@@ -43,16 +43,22 @@ class RunFailed(SystemExit):
     stops with the message, as before)."""
 
 
-def run_one(out: Path, label: str, overrides: list[str], seed: int, resume: bool = False) -> dict:
+def run_one(
+    out: Path, label: str, overrides: list[str], seed: int, resume: bool = False, report_only: bool = False
+) -> dict:
     """One ``abd-fl`` run in its own process; its summary (plus ``_wall_s`` and the last
     detection record). ``resume``: a finished run with the same overrides (``sweep_run.json``
-    beside its results) is read back instead of run again."""
+    beside its results) is read back instead of run again. ``report_only``: read back a
+    finished run, never start one (``RunFailed`` "not run yet" where there is none)."""
+    resume = resume or report_only
     run_out = out / f"{label}-seed{seed}"
     cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
     record = run_out / "sweep_run.json"
     previous = json.loads(record.read_text()) if resume and record.is_file() else None
     if previous is not None and _without_output_dir(previous.get("args", [])) == _without_output_dir(cmd[3:]):
         wall = float(previous["wall_s"])
+    elif report_only:
+        raise RunFailed(f"not run yet (no finished run in {run_out})")
     else:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

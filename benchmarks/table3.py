@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/table3.py --part central --seeds 0      # centralized only
     .venv/bin/python benchmarks/table3.py --methods zskt ood -- experiment=tiny   # smoke test
     .venv/bin/python benchmarks/table3.py --part fl --seeds 0 1 2 --resume   # reuse finished runs
+    .venv/bin/python benchmarks/table3.py --seeds 0 1 2 --report         # tables from finished runs only
 
 Centralized (the paper's own setting, ``experiment=central``): one poisoned teacher
 distilled by ZSKT, CMI, OOD patches and DENSE. Federated (the FL default scenario, Flower
@@ -154,7 +155,7 @@ def write_results(
         "FedGen trains (not distilled); its +ABD arm is the data-free repair of it (README).",
     ]
     if failures:
-        lines += ["", "Failed runs (left out of the means above):", *[f"- {f}" for f in failures]]
+        lines += ["", "Failed or missing runs (left out of the means above):", *[f"- {f}" for f in failures]]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -198,6 +199,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resume", action="store_true",
                         help="reuse a finished run of the same method, seed and overrides instead of running it again")
+    parser.add_argument("--report", action="store_true",
+                        help="only rebuild results.md and table3.png from finished runs; start none "
+                             "(a missing run is listed as not run yet)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "table3"
@@ -205,7 +209,7 @@ def main() -> None:
     cmd = "python benchmarks/table3.py " + " ".join(
         [f"--part {args.part}", f"--methods {' '.join(args.methods)}" if args.methods else "",
          f"--seeds {' '.join(map(str, args.seeds))}", ("-- " + " ".join(args.overrides)) if args.overrides else ""]
-    ).strip()
+    ).strip() + (" (table rebuilt from its finished runs with --report)" if args.report else "")
     parts = {"central": CENTRAL, "fl": FL} if args.part == "both" else {args.part: CENTRAL if args.part == "central" else FL}
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}
@@ -219,7 +223,7 @@ def main() -> None:
             runs = results.setdefault(part, {}).setdefault(method, [])
             for seed in args.seeds:
                 try:
-                    summary = run_one(out, label, overrides, seed, resume=args.resume)
+                    summary = run_one(out, label, overrides, seed, resume=args.resume, report_only=args.report)
                 except RunFailed as err:  # keep going: one failed run must not lose the rest of a long sweep
                     print(f"{label} seed {seed}: {err}", file=sys.stderr)
                     failures.append(f"{label} seed {seed}: {str(err).splitlines()[-1] if str(err) else 'failed'}")
