@@ -50,12 +50,13 @@ FL = {
     "fedgen": ["strategy=fedgen"],
     "zskt_one_shot": [],  # the FL default scenario (also README results item 2)
 }
+PARTS = {"central": CENTRAL, "fl": FL}
 
 
 def run_overrides(part: str, method: str, user: list[str]) -> list[str]:
     """The Hydra overrides of one run: the method's, the user's, then (multi-round FL
     presets) the per-round budgets computed from the config those two compose to."""
-    base = [*(CENTRAL if part == "central" else FL)[method], *user]
+    base = [*PARTS[part][method], *user]
     if part != "fl" or method not in MULTI_ROUND:
         return base
     from abd_fl.paths import compose_config
@@ -210,7 +211,7 @@ def main() -> None:
         [f"--part {args.part}", f"--methods {' '.join(args.methods)}" if args.methods else "",
          f"--seeds {' '.join(map(str, args.seeds))}", ("-- " + " ".join(args.overrides)) if args.overrides else ""]
     ).strip() + (" (table rebuilt from its finished runs with --report)" if args.report else "")
-    parts = {"central": CENTRAL, "fl": FL} if args.part == "both" else {args.part: CENTRAL if args.part == "central" else FL}
+    parts = PARTS if args.part == "both" else {args.part: PARTS[args.part]}
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}
     failures: list[str] = []

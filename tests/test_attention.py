@@ -201,3 +201,5 @@ def test_recording_activates_several_recorders_and_removes_their_hooks() -> None
         a(x), b(x)
     assert len(ra.outputs) == len(rb.outputs) == 3
     assert all(not m._forward_hooks for net in (a, b) for m in net.modules())
+    taken = ra.take()  # handed over once, then forgotten by the recorder
+    assert len(taken) == 3 and ra.outputs == [] and ra.take() == []

@@ -67,6 +67,12 @@ class StageRecorder:
     def _hook(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
         self.outputs.append(output)
 
+    def take(self) -> list[torch.Tensor]:
+        """The outputs recorded so far, handed over and forgotten here (so a batch's
+        activations are not kept until the next ``with`` block)."""
+        outputs, self.outputs = self.outputs, []
+        return outputs
+
     def __enter__(self) -> "StageRecorder":
         self.outputs = []
         self._handles = [m.register_forward_hook(self._hook) for m in self.modules]
@@ -116,7 +122,8 @@ def attention_transfer_per_sample(
         w = torch.as_tensor(teacher_weights, dtype=torch.float32).flatten().tolist()  # one device sync, not one per map
         if len(w) != len(teacher_stages):
             raise ValueError(f"{len(teacher_stages)} teachers but {len(w)} ensemble weights")
-        w = [wi / sum(w) for wi in w]
+        total_w = sum(w)
+        w = [wi / total_w for wi in w]
     s_stages = list(student_stages)[-k:]
     t_stages = [list(t)[-k:] for t in teacher_stages]
     total = None

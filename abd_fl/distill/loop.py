@@ -160,11 +160,8 @@ def distill(
             kd_value = float(loss.detach())
             if student_rec is not None:  # + beta * AT, scaled by the same per-sample weights
                 at = attention_transfer_per_sample(
-                    student_rec.outputs, [r.outputs for r in teacher_recs], ensemble.weights
+                    student_rec.take(), [r.take() for r in teacher_recs], ensemble.weights
                 )
-                student_rec.outputs = []
-                for r in teacher_recs:
-                    r.outputs = []
                 at_total += float(at.detach().mean())
                 at = at if weights is None else weights.to(at) * at
                 loss = loss + cfg.attention_beta * at.mean()
