@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,32 +44,68 @@ class RunFailed(SystemExit):
     stops with the message, as before)."""
 
 
+# What a tracked archive keeps of a finished run: enough to rebuild every table (its
+# summary, per-round metrics and resolved config), not its checkpoints and plots.
+ARCHIVED = ("summary.json", "metrics.jsonl", "config.yaml")
+
+
+def _finished_with(run_dir: Path, args: list[str]) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly these ``abd-fl`` arguments."""
+    record = run_dir / "sweep_run.json"
+    if not (record.is_file() and (run_dir / "latest" / "summary.json").is_file()):
+        return False
+    return _without_output_dir(json.loads(record.read_text()).get("args", [])) == _without_output_dir(args)
+
+
+def archive_run(run_dir: Path, archive: Path) -> Path:
+    """Copy a finished run's small records (``sweep_run.json`` and the latest run's
+    ``ARCHIVED`` files) to ``archive/<run name>/``, laid out as ``run_one`` reads them back,
+    so that a tracked folder keeps the results when ``outputs/`` is lost."""
+    dest = archive / run_dir.name
+    (dest / "latest").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "sweep_run.json", dest / "sweep_run.json")
+    for name in ARCHIVED:
+        src = run_dir / "latest" / name
+        if src.is_file():
+            shutil.copyfile(src, dest / "latest" / name)
+    return dest
+
+
 def run_one(
-    out: Path, label: str, overrides: list[str], seed: int, resume: bool = False, report_only: bool = False
+    out: Path,
+    label: str,
+    overrides: list[str],
+    seed: int,
+    resume: bool = False,
+    report_only: bool = False,
+    archive: Path | None = None,
 ) -> dict:
-    """One ``abd-fl`` run in its own process; its summary (plus ``_wall_s`` and the last
-    detection record). ``resume``: a finished run with the same overrides (``sweep_run.json``
-    beside its results) is read back instead of run again. ``report_only``: read back a
-    finished run, never start one (``RunFailed`` "not run yet" where there is none)."""
+    """One ``abd-fl`` run in its own process; its summary (plus ``_wall_s``, ``_dir`` where
+    its records are, and the last detection record). ``resume``: a finished run with the
+    same overrides (``sweep_run.json`` beside its results), in ``out`` or else in
+    ``archive``, is read back instead of run again. ``report_only``: read back a finished
+    run, never start one (``RunFailed`` "not run yet" where there is none). ``archive``:
+    a finished run's records are copied there (``archive_run``)."""
     resume = resume or report_only
     run_out = out / f"{label}-seed{seed}"
     cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
-    record = run_out / "sweep_run.json"
-    previous = json.loads(record.read_text()) if resume and record.is_file() else None
-    if previous is not None and _without_output_dir(previous.get("args", [])) == _without_output_dir(cmd[3:]):
-        wall = float(previous["wall_s"])
-    elif report_only:
-        raise RunFailed(f"not run yet (no finished run in {run_out})")
-    else:
+    candidates = [run_out] + ([archive / run_out.name] if archive is not None else [])
+    source = next((d for d in candidates if resume and _finished_with(d, cmd[3:])), None)
+    if source is None and report_only:
+        raise RunFailed(f"not run yet (no finished run in {' or '.join(map(str, candidates))})")
+    if source is None:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RunFailed(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
-        wall = time.perf_counter() - t0
-        record.write_text(json.dumps({"args": cmd[3:], "wall_s": wall}))
-    summary = json.loads((run_out / "latest" / "summary.json").read_text())
-    summary["_wall_s"] = wall
-    metrics = [json.loads(x) for x in (run_out / "latest" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        (run_out / "sweep_run.json").write_text(json.dumps({"args": cmd[3:], "wall_s": time.perf_counter() - t0}))
+        source = run_out
+    if archive is not None and source == run_out:
+        archive_run(run_out, archive)
+    summary = json.loads((source / "latest" / "summary.json").read_text())
+    summary["_wall_s"] = float(json.loads((source / "sweep_run.json").read_text())["wall_s"])
+    summary["_dir"] = str(source)
+    metrics = [json.loads(x) for x in (source / "latest" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     det = [m["detection"] for m in metrics if m.get("detection")]
     if det:
         summary["_detection"] = det[-1]

@@ -15,7 +15,10 @@ iterations per round). Every run distils the undefended arm (``dfkd_student``) a
 
 Writes ``outputs/sweeps/table3/``: every run's directory, ``results.md`` (rewritten after
 every run, so nothing computed is lost) and ``table3.png`` (Acc and ASR per method, floors
-hatched).
+hatched). Every finished run's summary, metrics and resolved config are also copied to the
+tracked ``benchmarks/results/table3/`` (``--archive``), with the latest ``results.md``:
+``--resume`` and ``--report`` read runs back from there too, so a fresh clone rebuilds the
+table without rerunning anything.
 """
 
 from __future__ import annotations
@@ -203,6 +206,8 @@ def main() -> None:
     parser.add_argument("--report", action="store_true",
                         help="only rebuild results.md and table3.png from finished runs; start none "
                              "(a missing run is listed as not run yet)")
+    parser.add_argument("--archive", type=Path, default=ROOT / "benchmarks" / "results" / "table3",
+                        help="folder (tracked) that keeps every finished run's summary, metrics and config")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "table3"
@@ -224,18 +229,22 @@ def main() -> None:
             runs = results.setdefault(part, {}).setdefault(method, [])
             for seed in args.seeds:
                 try:
-                    summary = run_one(out, label, overrides, seed, resume=args.resume, report_only=args.report)
+                    summary = run_one(out, label, overrides, seed, resume=args.resume, report_only=args.report,
+                                      archive=args.archive)
                 except RunFailed as err:  # keep going: one failed run must not lose the rest of a long sweep
                     print(f"{label} seed {seed}: {err}", file=sys.stderr)
                     failures.append(f"{label} seed {seed}: {str(err).splitlines()[-1] if str(err) else 'failed'}")
                     write_results(out, results, args.seeds, cmd, failures)
                     continue
-                summary["_vaccines"] = vaccine_report(out / f"{label}-seed{seed}")
+                summary["_vaccines"] = vaccine_report(Path(summary["_dir"]))
                 runs.append(summary)
                 (out / "runs.json").write_text(json.dumps(results, indent=1))
                 write_results(out, results, args.seeds, cmd, failures)
     text = write_results(out, results, args.seeds, cmd, failures)
     save_plot(out, results)
+    if args.part == "both" and not args.methods:  # a subset's table must not replace the whole one
+        args.archive.mkdir(parents=True, exist_ok=True)
+        (args.archive / "results.md").write_text(text)
     print(text)
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")
     if failures:

@@ -111,3 +111,27 @@ def test_report_only_reads_finished_runs_back_and_starts_none(table3, tmp_path: 
     with pytest.raises(RunFailed, match="not run yet"):  # same seed, other overrides: not this run
         run_one(tmp_path, "central-zskt", ["experiment=central", "distill=cmi"], 0, report_only=True)
     assert not (tmp_path / "central-zskt-seed1").exists()
+
+
+def test_a_finished_run_is_archived_and_read_back_from_the_archive_alone(table3, tmp_path: Path) -> None:
+    from sweep import RunFailed, run_one
+
+    out, archive = tmp_path / "outputs", tmp_path / "archive"
+    _finished_run(out, "fl-dense", 2, ["strategy=dense"])
+    (out / "fl-dense-seed2" / "latest" / "model.pt").write_bytes(b"big")  # not archived
+    first = run_one(out, "fl-dense", ["strategy=dense"], 2, resume=True, archive=archive)
+    assert first["_dir"] == str(out / "fl-dense-seed2")
+    kept = archive / "fl-dense-seed2"
+    assert sorted(p.name for p in (kept / "latest").iterdir()) == ["metrics.jsonl", "summary.json"]
+    assert (kept / "sweep_run.json").read_text() == (out / "fl-dense-seed2" / "sweep_run.json").read_text()
+
+    import shutil
+
+    shutil.rmtree(out)  # outputs/ lost: the archive alone rebuilds the table
+    again = run_one(out, "fl-dense", ["strategy=dense"], 2, report_only=True, archive=archive)
+    assert again["_dir"] == str(kept)
+    assert {k: v for k, v in again.items() if k != "_dir"} == {k: v for k, v in first.items() if k != "_dir"}
+    assert table3.vaccine_report(kept) == {"found": [True], "malicious": [True]}
+    with pytest.raises(RunFailed, match="not run yet"):  # other overrides: the archived run is not this one
+        run_one(out, "fl-dense", ["strategy=dense", "seed=9"], 2, report_only=True, archive=archive)
+    assert not out.exists()
