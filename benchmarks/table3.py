@@ -212,10 +212,10 @@ def main() -> None:
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "table3"
     out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/table3.py " + " ".join(
-        [f"--part {args.part}", f"--methods {' '.join(args.methods)}" if args.methods else "",
-         f"--seeds {' '.join(map(str, args.seeds))}", ("-- " + " ".join(args.overrides)) if args.overrides else ""]
-    ).strip() + (" (table rebuilt from its finished runs with --report)" if args.report else "")
+    cmd = "python benchmarks/table3.py " + " ".join(filter(None, [
+        f"--part {args.part}", f"--methods {' '.join(args.methods)}" if args.methods else "",
+        f"--seeds {' '.join(map(str, args.seeds))}", ("-- " + " ".join(args.overrides)) if args.overrides else ""]
+    )) + (" (table rebuilt from its finished runs with --report)" if args.report else "")
     parts = PARTS if args.part == "both" else {args.part: PARTS[args.part]}
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}
