@@ -62,7 +62,9 @@ def archive_run(run_dir: Path, archive: Path) -> Path:
     ``ARCHIVED`` files) to ``archive/<run name>/``, laid out as ``run_one`` reads them back,
     so that a tracked folder keeps the results when ``outputs/`` is lost."""
     dest = archive / run_dir.name
-    (dest / "latest").mkdir(parents=True, exist_ok=True)
+    if dest.exists():  # a rerun replaces the whole record, leaving no file of the old one
+        shutil.rmtree(dest)
+    (dest / "latest").mkdir(parents=True)
     shutil.copyfile(run_dir / "sweep_run.json", dest / "sweep_run.json")
     for name in ARCHIVED:
         src = run_dir / "latest" / name
@@ -98,6 +100,8 @@ def run_one(
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RunFailed(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        if not (run_out / "latest" / "summary.json").is_file():
+            raise RunFailed(f"run wrote no summary ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
         (run_out / "sweep_run.json").write_text(json.dumps({"args": cmd[3:], "wall_s": time.perf_counter() - t0}))
         source = run_out
     if archive is not None and source == run_out:

@@ -16,7 +16,8 @@ iterations per round). Every run distils the undefended arm (``dfkd_student``) a
 Writes ``outputs/sweeps/table3/``: every run's directory, ``results.md`` (rewritten after
 every run, so nothing computed is lost) and ``table3.png`` (Acc and ASR per method, floors
 hatched). Every finished run's summary, metrics and resolved config are also copied to the
-tracked ``benchmarks/results/table3/`` (``--archive``), with the latest ``results.md``:
+tracked ``benchmarks/results/table3/`` (``--archive``; runs with extra Hydra overrides are
+not archived there), with the latest whole ``results.md``:
 ``--resume`` and ``--report`` read runs back from there too, so a fresh clone rebuilds the
 table without rerunning anything.
 """
@@ -54,6 +55,7 @@ FL = {
     "zskt_one_shot": [],  # the FL default scenario (also README results item 2)
 }
 PARTS = {"central": CENTRAL, "fl": FL}
+DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "table3"
 
 
 def run_overrides(part: str, method: str, user: list[str]) -> list[str]:
@@ -206,8 +208,11 @@ def main() -> None:
     parser.add_argument("--report", action="store_true",
                         help="only rebuild results.md and table3.png from finished runs; start none "
                              "(a missing run is listed as not run yet)")
-    parser.add_argument("--archive", type=Path, default=ROOT / "benchmarks" / "results" / "table3",
-                        help="folder (tracked) that keeps every finished run's summary, metrics and config")
+    parser.add_argument("--archive", type=Path, default=None,
+                        help="folder that keeps every finished run's summary, metrics and config (default: the "
+                             "tracked benchmarks/results/table3/, used only without extra overrides, so a smoke "
+                             "run never replaces the documented runs; --report also archives finished runs it "
+                             "finds in outputs/)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "table3"
@@ -217,6 +222,7 @@ def main() -> None:
         f"--seeds {' '.join(map(str, args.seeds))}", ("-- " + " ".join(args.overrides)) if args.overrides else ""]
     )) + (" (table rebuilt from its finished runs with --report)" if args.report else "")
     parts = PARTS if args.part == "both" else {args.part: PARTS[args.part]}
+    archive = args.archive or (None if args.overrides else DEFAULT_ARCHIVE)
     t0 = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}
     failures: list[str] = []
@@ -230,7 +236,7 @@ def main() -> None:
             for seed in args.seeds:
                 try:
                     summary = run_one(out, label, overrides, seed, resume=args.resume, report_only=args.report,
-                                      archive=args.archive)
+                                      archive=archive)
                 except RunFailed as err:  # keep going: one failed run must not lose the rest of a long sweep
                     print(f"{label} seed {seed}: {err}", file=sys.stderr)
                     failures.append(f"{label} seed {seed}: {str(err).splitlines()[-1] if str(err) else 'failed'}")
@@ -242,9 +248,9 @@ def main() -> None:
                 write_results(out, results, args.seeds, cmd, failures)
     text = write_results(out, results, args.seeds, cmd, failures)
     save_plot(out, results)
-    if args.part == "both" and not args.methods:  # a subset's table must not replace the whole one
-        args.archive.mkdir(parents=True, exist_ok=True)
-        (args.archive / "results.md").write_text(text)
+    if archive is not None and args.part == "both" and not args.methods and not failures:
+        archive.mkdir(parents=True, exist_ok=True)
+        (archive / "results.md").write_text(text)  # only a whole table replaces the whole table
     print(text)
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")
     if failures:

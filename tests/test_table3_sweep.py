@@ -124,6 +124,9 @@ def test_a_finished_run_is_archived_and_read_back_from_the_archive_alone(table3,
     kept = archive / "fl-dense-seed2"
     assert sorted(p.name for p in (kept / "latest").iterdir()) == ["metrics.jsonl", "summary.json"]
     assert (kept / "sweep_run.json").read_text() == (out / "fl-dense-seed2" / "sweep_run.json").read_text()
+    (kept / "latest" / "config.yaml").write_text("stale: true\n")  # left by an earlier run of that name
+    run_one(out, "fl-dense", ["strategy=dense"], 2, resume=True, archive=archive)
+    assert not (kept / "latest" / "config.yaml").exists()  # a rerun replaces the whole record
 
     import shutil
 
