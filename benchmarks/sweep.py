@@ -92,7 +92,7 @@ def run_one(
     run_out = out / f"{label}-seed{seed}"
     cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
     candidates = [run_out] + ([archive / run_out.name] if archive is not None else [])
-    source = next((d for d in candidates if resume and _finished_with(d, cmd[3:])), None)
+    source = next((d for d in candidates if _finished_with(d, cmd[3:])), None) if resume else None
     if source is None and report_only:
         raise RunFailed(f"not run yet (no finished run in {' or '.join(map(str, candidates))})")
     if source is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -127,9 +128,6 @@ def test_a_finished_run_is_archived_and_read_back_from_the_archive_alone(table3,
     (kept / "latest" / "config.yaml").write_text("stale: true\n")  # left by an earlier run of that name
     run_one(out, "fl-dense", ["strategy=dense"], 2, resume=True, archive=archive)
     assert not (kept / "latest" / "config.yaml").exists()  # a rerun replaces the whole record
-
-    import shutil
-
     shutil.rmtree(out)  # outputs/ lost: the archive alone rebuilds the table
     again = run_one(out, "fl-dense", ["strategy=dense"], 2, report_only=True, archive=archive)
     assert again["_dir"] == str(kept)
