@@ -304,6 +304,8 @@ def distill_config(cfg: Mapping[str, Any]) -> DistillConfig:
         temperature=float(d["temperature"]),
         seed=int(cfg["seed"]),
         attention_beta=float(d.get("attention_beta", 0.0)),
+        clip_grad_norm=None if d.get("clip_grad_norm") is None else float(d["clip_grad_norm"]),
+        kl_reduction=str(d.get("kl_reduction", "sum")),
     )
 
 

@@ -24,7 +24,9 @@ def _mix(setup: dict) -> torch.Tensor:
 
 
 def _cfg(**kw) -> ABDConfig:
-    base = dict(num_layers=1, surrogate_batches=5, warmup_fraction=0.25, sr_fraction=0.25,
+    # Algorithm 2's verified path with the older surrogate cache (search=verify, surrogate=first)
+    base = dict(num_layers=1, surrogate_batches=5, warmup_fraction=0.25, sr_fraction=0.25, search="verify",
+                surrogate="first", sr="auto", weights="paper", sr_schedule="constant",
                 sr_config=SRConfig(n_delta=2, fixed_point_steps=1, portion=0.1))
     base.update(kw)
     return ABDConfig(**base)
@@ -92,7 +94,7 @@ def test_named_variants_and_validation() -> None:
     sv, sr, abd = abd_config_for("sv"), abd_config_for("sr"), abd_config_for("abd")
     assert sv.use_sv and sv.sr == "off"
     assert not sr.use_sv and sr.sr == "on"
-    assert abd.use_sv and abd.sr == "auto"
+    assert abd.use_sv and abd.sr == "on" and abd.search == "off"  # the reference's CIFAR-10 runs: SV unverified, then SR
     with pytest.raises(ValueError, match="unknown defense 'xyz'"):
         abd_config_for("xyz")
     with pytest.raises(ValueError, match="defense.sr_fraction must be in"):
@@ -137,7 +139,7 @@ def test_the_vaccine_search_uses_the_first_or_the_latest_inputs(mode: str, expec
 
 
 def test_an_unknown_surrogate_mode_fails_with_one_line() -> None:
-    with pytest.raises(ValueError, match="unknown defense.surrogate 'middle'; choose one of: first, latest"):
+    with pytest.raises(ValueError, match="unknown defense.surrogate 'middle'; choose one of: window, first, latest"):
         ABDConfig(surrogate="middle")
 
 

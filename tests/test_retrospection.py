@@ -25,6 +25,15 @@ from abd_fl.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# The tests below pin our earlier SR variant (still an option): class-summed KLs with the outer
+# loss averaged over the patched samples, the series from v_0 = g_d, running BN statistics, delta
+# from the student, no L2 term. tests/test_reference_parity.py pins the reference's defaults.
+OURS = dict(reduction="portion", fixed_point_start="outer", bn_mode="eval", delta_source="student", delta_l2=0.0)
+
+
+def _ours(**kw) -> SRConfig:
+    return SRConfig(**{**OURS, **kw})
+
 
 # --------------------------------------------------------------------------------------
 # Brute force: explicit Jacobians of the fixed-point map, built independently of the module.
@@ -150,7 +159,7 @@ def test_kl_shift_detaches_the_clean_target() -> None:
 def test_hypergradient_matches_explicit_truncated_neumann(builder: Callable[[], nn.Module], k: int) -> None:
     model = builder()
     x = _inputs()
-    cfg = SRConfig(fixed_point_steps=k, portion=0.3, delta_l2=0.01)  # 2 of 8 samples in the outer loss
+    cfg = _ours(fixed_point_steps=k, portion=0.3, delta_l2=0.01)  # 2 of 8 samples in the outer loss
     delta = synthesize_delta(model, x, cfg, seed=0)
     got = _flat(sr_hypergradient(model, x, delta, cfg, generator=torch.Generator().manual_seed(7)))
 
@@ -177,7 +186,7 @@ def test_hypergradient_converges_to_implicit_gradient_on_a_contraction() -> None
     # is a contraction; delta* (found by iterating Phi) is a genuine, non-trivial fixed point.
     model = _tiny_linear(scale=2.0)
     x = _inputs()
-    cfg = SRConfig(fixed_point_steps=200, fixed_point_lr=1.0, portion=0.5, delta_l2=0.1)
+    cfg = _ours(fixed_point_steps=200, fixed_point_lr=1.0, portion=0.5, delta_l2=0.1)
     call, theta0 = _functional(model)
     phi = _phi_ref(call, x, cfg.fixed_point_lr, cfg.delta_l2)
     d = synthesize_delta(model, x, cfg, seed=0).reshape(-1)
@@ -239,7 +248,7 @@ def test_synthesize_delta_increases_kl_is_seeded_and_leaves_model_alone() -> Non
     model.train()
     x = _digits()
     buffers = _bn_buffers(model)
-    cfg = SRConfig()
+    cfg = _ours()
     delta = synthesize_delta(model, x, cfg, seed=5)
 
     assert delta.shape == (1, 1, 8, 8)
@@ -267,22 +276,22 @@ def test_zero_is_a_stationary_point_and_the_default_init_is_not() -> None:
     kl0 = kl_shift(model, x, zero)
     (g0,) = torch.autograd.grad(kl0, zero)
     assert kl0.item() == 0.0 and g0.abs().max() < 1e-14
-    cfg = SRConfig()
+    cfg = _ours()
     init = (torch.randn((1, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * cfg.init_std)
     init.requires_grad_(True)
     (g1,) = torch.autograd.grad(kl_shift(model, x, init), init)
     assert g1.abs().max() > 1e-6
     assert kl_shift(model, x, synthesize_delta(model, x, cfg, seed=0)).item() > 0.1
-    assert synthesize_delta(model, x, SRConfig(init_std=0.0), seed=0).shape == (1, 1, 4, 4)
+    assert synthesize_delta(model, x, _ours(init_std=0.0), seed=0).shape == (1, 1, 4, 4)
 
 
 def test_eps_bound_is_respected() -> None:
     model = _cnn_small()
     x = _digits()
-    bounded = synthesize_delta(model, x, SRConfig(eps=0.05), seed=0)
+    bounded = synthesize_delta(model, x, _ours(eps=0.05), seed=0)
     assert bounded.abs().max() <= 0.05 + 1e-7
     assert torch.isclose(bounded.abs().max(), torch.tensor(0.05))  # the bound is active
-    free = synthesize_delta(model, x, SRConfig(), seed=0)
+    free = synthesize_delta(model, x, _ours(), seed=0)
     assert free.abs().max() > 0.1
 
 
@@ -303,7 +312,7 @@ def test_add_sr_gradient_adds_weighted_hypergradient_and_keeps_mode_and_bn_stats
     modes = [m.training for m in model.modules()]
     buffers = _bn_buffers(model)
     grads_before = [p.grad.clone() for p in model.parameters()]
-    cfg = SRConfig(weight=0.5, portion=0.25)
+    cfg = _ours(weight=0.5, portion=0.25)
 
     logs = add_sr_gradient(model, x, cfg, seed=3)
 
@@ -326,7 +335,7 @@ def test_add_sr_gradient_creates_grads_and_skips_frozen_parameters() -> None:
     model = _tiny_mlp()
     model[1].bias.requires_grad_(False)
     x = _inputs()
-    cfg = SRConfig(weight=2.0, portion=0.5)
+    cfg = _ours(weight=2.0, portion=0.5)
     add_sr_gradient(model, x, cfg, seed=1)
     hyper = sr_hypergradient(model, x, synthesize_delta(model, x, cfg, seed=1), cfg, torch.Generator().manual_seed(1))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -340,7 +349,7 @@ def test_add_sr_gradient_creates_grads_and_skips_frozen_parameters() -> None:
 def test_max_grad_ratio_caps_the_added_gradient_relative_to_the_existing_one() -> None:
     model = _tiny_mlp()
     x = _inputs()
-    base = SRConfig(weight=1.0, portion=0.5)
+    base = _ours(weight=1.0, portion=0.5)
     hyper = sr_hypergradient(model, x, synthesize_delta(model, x, base, seed=4), base, torch.Generator().manual_seed(4))
     h_norm = float(_flat(hyper).norm())
     kd = [torch.full_like(p, 1e-3) for p in model.parameters()]  # a small "KD" gradient already in .grad
@@ -392,7 +401,7 @@ def test_sr_steps_reduce_sensitivity_of_a_backdoored_model() -> None:
         opt.step()
 
     x, y = sample(64)
-    cfg = SRConfig(portion=0.25)
+    cfg = _ours(portion=0.25)
 
     def measure() -> tuple[float, float, float]:
         """(KL at synthesised deltas, KL of the real trigger, clean accuracy)."""
@@ -453,4 +462,5 @@ def test_config_defaults_are_the_reference_ones() -> None:
     cfg = SRConfig()
     got = (cfg.n_delta, cfg.delta_lr, cfg.fixed_point_steps, cfg.fixed_point_lr, cfg.portion)
     assert got == (10, 0.1, 5, 0.1, 0.02)
-    assert cfg.weight == 1.0 and cfg.eps is None and cfg.init_std == 1e-3 and cfg.delta_l2 == 0.0
+    assert cfg.weight == 1.0 and cfg.eps is None and cfg.init_std == 1e-3 and cfg.delta_l2 == 1e-3
+    assert (cfg.reduction, cfg.fixed_point_start, cfg.bn_mode, cfg.delta_source) == ("reference", "zero", "train", "teacher")

@@ -301,6 +301,7 @@ def test_short_distillation_runs_end_to_end(name: str, defended: bool) -> None:
     defense = None
     if defended:
         defense = ABDDefense(ABDConfig(num_layers=1, surrogate_batches=2, warmup_fraction=0.34, max_tries=2, sr="on",
+                                       search="verify", surrogate="first",
                                        sr_fraction=0.34, sr_config=SRConfig(n_delta=2, fixed_point_steps=1, portion=0.1)))
     result = distill(teachers, student, synth, defense=defense,
                      config=DistillConfig(iterations=3, student_steps=2, batch_size=16, log_every=1), image_shape=shape)

@@ -181,9 +181,12 @@ def test_regularizer_value_and_zero_when_nothing_flagged() -> None:
     mask = vaccine_mask(t, s)
     assert mask.tolist() == [True, False, True]
     kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1)
-    term = vaccine_regularizer(t, s, coef=0.1)
+    term = vaccine_regularizer(t, s, coef=0.1)  # the reference: the KL averaged over the K = 3 classes
     assert term.ndim == 0 and term.item() < 0
-    assert torch.allclose(term, -0.1 * kl[mask].mean())
+    assert torch.allclose(term, -0.1 * kl[mask].mean() / 3)
+    assert torch.allclose(vaccine_regularizer(t, s, coef=0.1, class_reduction="sum"), -0.1 * kl[mask].mean())
+    soft = F.softmax(s, 1).gather(1, t.argmax(1, keepdim=True)).squeeze(1).detach()  # p_T~(argmax T)
+    assert torch.allclose(vaccine_regularizer(t, s, coef=0.1, mask="soft"), -0.1 * (soft * kl / 3).sum() / soft.sum())
     term.backward()
     assert t.grad.abs().sum() > 0 and s.grad.abs().sum() > 0  # gradients through T and T~
 

@@ -4,28 +4,39 @@ Algorithm 2 (ABD paper Sec. 4.3): obtain surrogate samples ``D_s``; search a Shu
 Vaccine (at most ``max_tries`` shuffles); if found, distil with SV until step lambda;
 then, if Self-Retrospection is activated, distil with SR.
 
-Here, for a data-free *federated* server (one vaccine per client teacher):
+The defaults follow the reference's runs (illidanlab/ABD; DESIGN.md Sec. 4; the README's
+"Design" section lists each value with its source):
 
-- **Surrogate samples** (the paper: "we first run data-free KD to cache some surrogate
-  data"): ``surrogate_batches`` of the loop's own distillation inputs are cached, and at
-  the end of the warm-up (``warmup_fraction`` of the iterations) every teacher gets its
-  own vaccine search (:func:`abd_fl.defense.vaccine.search_vaccine`). Which inputs:
-  ``surrogate="first"`` (default), the first ones the loop sees, as the reference code
-  (its ZSKT caches pseudo-batches 11-50 of 80k); ``"latest"``, the last ones before the
-  search, i.e. samples of the generator as the warm-up has trained it.
-- **SV on synthesis** (Sec. 4.1 (1)): the generator's loss gets, for every vaccinated
-  teacher ``i``, ``-coef * mean_{phi_i} KL(T_i || T~_i)`` (averaged over vaccinated
-  teachers), each teacher with its own shuffled copy.
-- **SV on distillation** (Sec. 4.1 (2)): a sample flagged by any vaccinated teacher gets
-  the paper's weight ``1 - phi + phi/alpha`` (or the reference code's variant).
-- **Suspicion per client**: each teacher's tail ratio and mean score are reported (a
-  data-free suspicion score; the server scores it against the ground truth with ROC
-  AUC). ``downweight_suspicious`` multiplies the ensemble weight of vaccinated teachers.
-- **SR** (Algorithm 1) in the last ``sr_fraction`` of iterations with a fresh student
-  optimizer at ``sr_lr``. The paper switches SR on when clean accuracy drops, which a
-  data-free server cannot see. Our data-free rule (``sr="auto"``): SR runs when the
-  search found no vaccine for any teacher (the backdoor, if any, is invisible to SV, as
-  for blend-like triggers), and ``sr="on"`` forces it (``"off"`` disables it).
+- **Gating** (``search``). ``off`` (default; ``zskt/sweeps/cifar10_wrn_poi_defense.yml``:
+  ``pseudo_test_batches: 0``): every teacher's shuffled ensemble is used from the first
+  step, unverified (the paper's Table 4 / Fig. 7). ``verify`` (the GTSRB sweep,
+  ``pseudo_test_batches: 50``): SV is off until a vaccine search on ``D_s`` accepts a
+  shuffle; a teacher without a vaccine gets no SV.
+- **Surrogate samples** ``D_s`` (``surrogate``). ``window`` (default, the reference's
+  ``zskt/solver.py``): every batch the loop uses (the generator step's and each student
+  step's) in iterations ``[surrogate_start, surrogate_stop)`` is cached, and the search
+  (or, with ``search=off``, the report of the unverified vaccine's scores) runs at
+  iteration ``surrogate_stop`` (reference: pseudo-batches 11-49, search at 50). The older
+  modes ``first`` / ``latest`` cache ``surrogate_batches`` fresh/last student batches and
+  search after ``warmup_fraction`` of the iterations.
+- **SV on synthesis** (Sec. 4.1 (1)): the generator's loss gets, for every active teacher
+  ``i``, ``-coef * mean_{phi_i} KL(T_i || T~_i)`` (class-averaged KL, as the reference),
+  averaged over active teachers, each with its own shuffled copy.
+- **SV on distillation** (Sec. 4.1 (2)): ``weights="auto"`` (default) weights the KD loss
+  by the reference's ``mean(KL[~m]) - coef * mean(KL[m])`` on fixed (OOD / real) inputs
+  only, as the reference, and not at all on generator samples (its ZSKT student KD is
+  unweighted); ``paper`` / ``reference`` / ``off`` force one form.
+- **SR** (Algorithm 1) in the last ``sr_fraction`` of iterations (or the last ``sr_steps``
+  student steps) with a fresh student Adam at ``sr_lr``, cosine-annealed to 0 over that
+  stage (``sr_schedule``), the SV regulariser still on: the reference's second stage,
+  resumed from the SV-trained run near its end. ``sr="on"`` (default) always runs it;
+  ``"auto"`` runs it only when the search found no vaccine (Algorithm 2's rule made
+  data-free); ``"off"`` never.
+- **Suspicion per client**: each teacher's tail ratio, mean score and tail-class share on
+  ``D_s`` are reported (data-free; the server scores them against the ground truth with
+  ROC AUC). ``downweight_suspicious`` multiplies the ensemble weight of vaccinated teachers.
+- **Flag rate**: the share of generator samples that the vaccine flags, per iteration, and
+  per teacher-predicted class over the run, in the report (``metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -39,64 +50,97 @@ import torch
 from torch import nn
 
 from abd_fl.defense.retrospection import SRConfig, add_sr_gradient
-from abd_fl.defense.vaccine import VaccineResult, search_vaccine, vaccine_mask, vaccine_regularizer, weights_from_mask
+from abd_fl.defense.vaccine import (
+    MASK_MODES,
+    VERIFY_RULES,
+    ShuffledEnsemble,
+    VaccineResult,
+    score_vaccine,
+    search_vaccine,
+    vaccine_mask,
+    vaccine_regularizer,
+    weights_from_mask,
+)
 from abd_fl.distill.hooks import DistillContext, NullDefense
 
 log = logging.getLogger("abd_fl")
 
 SR_MODES = ("auto", "on", "off")
-SURROGATE_MODES = ("first", "latest")
-WEIGHT_MODES = ("paper", "reference", "off")
+SEARCH_MODES = ("off", "verify")
+SURROGATE_MODES = ("window", "first", "latest")
+WEIGHT_MODES = ("auto", "paper", "reference", "off")
+SR_SCHEDULES = ("cosine", "constant")
 DEFENSE_NAMES = ("none", "abd", "sv", "sr")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
 class ABDConfig:
-    """Settings of ABD (defaults: the paper's and the reference code's, DESIGN.md Sec. 4)."""
+    """Settings of ABD (defaults: the reference's runs, DESIGN.md Sec. 4; README "Design")."""
 
     use_sv: bool = True
-    sr: str = "auto"
+    search: str = "off"
+    verify_rule: str = "tail_ratio"
+    class_threshold: float = 0.6
+    min_tail: int = 10
+    surrogate: str = "window"
+    surrogate_start: int = 11
+    surrogate_stop: int = 50
     warmup_fraction: float = 0.05
     surrogate_batches: int = 20
-    surrogate: str = "first"
     num_layers: int = 5
     num_shuffles: int = 3
     threshold: float = 0.02
     max_tries: int = 8
     generator_coef: float = 0.1
-    weights: str = "paper"
+    generator_kl: str = "mean"
+    mask: str = "hard"
+    weights: str = "auto"
     weight_alpha: float = 10.0
     weight_coef: float = 0.1
     downweight_suspicious: bool = False
     downweight_factor: float = 0.1
+    sr: str = "on"
     sr_fraction: float = 0.04
-    sr_lr: float = 2e-4
+    sr_steps: int | None = None
+    sr_lr: float = 5e-4
+    sr_schedule: str = "cosine"
     sr_every: int = 1
     sr_config: SRConfig = field(default_factory=SRConfig)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.sr not in SR_MODES:
-            raise ValueError(f"unknown defense.sr '{self.sr}'; choose one of: {', '.join(SR_MODES)}")
-        if self.surrogate not in SURROGATE_MODES:
-            raise ValueError(f"unknown defense.surrogate '{self.surrogate}'; choose one of: {', '.join(SURROGATE_MODES)}")
-        if self.weights not in WEIGHT_MODES:
-            raise ValueError(f"unknown defense.weights '{self.weights}'; choose one of: {', '.join(WEIGHT_MODES)}")
-        for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor"):
+        choices = {
+            "sr": SR_MODES, "search": SEARCH_MODES, "surrogate": SURROGATE_MODES, "weights": WEIGHT_MODES,
+            "sr_schedule": SR_SCHEDULES, "verify_rule": VERIFY_RULES, "mask": MASK_MODES, "generator_kl": ("mean", "sum"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown defense.{name} '{getattr(self, name)}'; choose one of: {', '.join(allowed)}")
+        for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor", "class_threshold"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
                 raise ValueError(f"defense.{name} must be in [0, 1], got {value!r}")
-        for name in ("surrogate_batches", "num_layers", "num_shuffles", "max_tries", "sr_every"):
+        for name in ("surrogate_batches", "num_layers", "num_shuffles", "max_tries", "sr_every", "surrogate_stop", "min_tail"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"defense.{name} must be an integer >= 1, got {value!r}")
-        if not self.sr_lr > 0:
-            raise ValueError(f"defense.sr_lr must be > 0, got {self.sr_lr}")
+        if not _is_int(self.surrogate_start) or not 0 <= self.surrogate_start < self.surrogate_stop:
+            raise ValueError(
+                f"defense.surrogate_start must be an integer in [0, surrogate_stop={self.surrogate_stop}), got {self.surrogate_start!r}"
+            )
+        if self.sr_steps is not None and (not _is_int(self.sr_steps) or self.sr_steps < 1):
+            raise ValueError(f"defense.sr_steps must be null or an integer >= 1, got {self.sr_steps!r}")
+        if not (isinstance(self.sr_lr, (int, float)) and math.isfinite(self.sr_lr) and self.sr_lr > 0):
+            raise ValueError(f"defense.sr_lr must be a finite number > 0, got {self.sr_lr!r}")
 
 
 def abd_config_for(name: str, **overrides: Any) -> ABDConfig | None:
-    """The config of a named defense variant: ``abd`` (SV + SR by Algorithm 2), ``sv`` (SV
-    only), ``sr`` (SR only, always on), ``none`` (None)."""
+    """The config of a named defense variant: ``abd`` (SV + SR), ``sv`` (SV only), ``sr``
+    (SR only, always on), ``none`` (None)."""
     if name not in DEFENSE_NAMES:
         raise ValueError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSE_NAMES)}")
     if name == "none":
@@ -117,67 +161,139 @@ class ABDDefense(NullDefense):
         self.cfg = config or ABDConfig()
         self.late_phase_fraction = 0.0
         self.late_phase_lr = self.cfg.sr_lr
+        self.late_phase_schedule = self.cfg.sr_schedule
         self._cache: list[torch.Tensor] = []
+        self._counts: list[int] = []
         self._vaccines: list[VaccineResult | None] = []
         self._searched = False
-        self._warmup_end = 0
+        self._cache_start = 0
+        self._search_at = 0
+        self._iteration = -1
         self._step = 0
         self._sr_logs: list[dict[str, float]] = []
         self._flag_rate: list[float] = []
+        self._flag_iter: list[list[float]] = []
+        self._class_flagged: torch.Tensor | None = None
+        self._class_seen: torch.Tensor | None = None
+        self._weights_mode = self.cfg.weights
         self.ctx: DistillContext | None = None
 
     # ---- set-up and the vaccine search ---------------------------------------------
     def on_distill_start(self, ctx: DistillContext) -> None:
         self.ctx = ctx
-        self._warmup_end = int(math.ceil(self.cfg.warmup_fraction * ctx.total_iterations)) if self.cfg.use_sv else 0
-        if not self.cfg.use_sv:
+        cfg = self.cfg
+        if cfg.weights == "auto":
+            self._weights_mode = "reference" if ctx.fixed_inputs else "off"
+        total = ctx.total_iterations
+        if cfg.surrogate == "window":
+            stop = min(cfg.surrogate_stop, max(1, total // 2))
+            start = min(cfg.surrogate_start, stop - 1)
+            if stop != cfg.surrogate_stop:
+                log.info("ABD: a %d-iteration run caches D_s in iterations [%d, %d) (configured [%d, %d))",
+                         total, start, stop, cfg.surrogate_start, cfg.surrogate_stop)
+            self._cache_start, self._search_at = start, stop
+        else:
+            self._cache_start = 0
+            self._search_at = int(math.ceil(cfg.warmup_fraction * total))
+        if not cfg.use_sv:
             self._searched = True
             self._vaccines = [None] * len(ctx.teachers)
             self._decide_sr()
-        elif self._warmup_end == 0:
-            self._cache = [ctx.sample_surrogate().detach() for _ in range(self.cfg.surrogate_batches)]
+            return
+        if cfg.search == "off":  # SV from the first step, unverified (the reference's CIFAR-10 runs)
+            self._vaccines = [
+                VaccineResult(True, ShuffledEnsemble(t, cfg.num_shuffles, cfg.num_layers, seed=cfg.seed * 1000 + i),
+                              math.nan, math.nan, [], verified=False)
+                for i, t in enumerate(ctx.teachers)
+            ]
+            self._searched = True
+            self._decide_sr()
+            return
+        if self._search_at == 0:
+            self._cache = [ctx.sample_surrogate().detach() for _ in range(cfg.surrogate_batches)]
+            self._counts = [1] * len(self._cache)
             self._search()
 
     def on_iteration(self, iteration: int) -> None:
-        if not self._searched and iteration >= self._warmup_end:
-            if len(self._cache) < self.cfg.surrogate_batches and self.ctx is not None:
-                self._cache += [
-                    self.ctx.sample_surrogate().detach() for _ in range(self.cfg.surrogate_batches - len(self._cache))
-                ]
+        self._iteration = iteration
+        if self.ctx is None or iteration < self._search_at:
+            return
+        if not self._searched:
+            if self.cfg.surrogate != "window" and len(self._cache) < self.cfg.surrogate_batches:
+                missing = self.cfg.surrogate_batches - len(self._cache)
+                self._cache += [self.ctx.sample_surrogate().detach() for _ in range(missing)]
+                self._counts += [1] * missing
             self._search()
+        elif self._cache and self.cfg.use_sv:  # search=off: report the unverified vaccines' scores on D_s
+            self._score_unverified()
+
+    def _caching(self) -> bool:
+        if not self.cfg.use_sv or self.cfg.surrogate != "window":
+            return False
+        return self._cache_start <= self._iteration < self._search_at
+
+    def _cache_batch(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self._cache and self._cache[-1].shape == x.shape and torch.equal(self._cache[-1], x.to(self._cache[-1].device)):
+            self._counts[-1] += 1  # the same batch again (one z serves 1 + k steps): counted, stored once
+            return
+        self._cache.append(x.cpu())
+        self._counts.append(1)
 
     def _search(self) -> None:
         assert self.ctx is not None
+        cfg = self.cfg
+        if not self._cache:
+            self._cache, self._counts = [self.ctx.sample_surrogate().detach()], [1]
+        device = self.ctx.device
+        batches = [b.to(device) for b in self._cache]
         self._vaccines = []
         for i, teacher in enumerate(self.ctx.teachers):
-            log.info("vaccine search for teacher %d", i)
+            log.info("vaccine search for teacher %d on %d cached samples", i, sum(b.shape[0] * c for b, c in zip(batches, self._counts)))
             self._vaccines.append(
                 search_vaccine(
-                    teacher,
-                    self._cache,
-                    num_layers=self.cfg.num_layers,
-                    num_shuffles=self.cfg.num_shuffles,
-                    threshold=self.cfg.threshold,
-                    max_tries=self.cfg.max_tries,
-                    seed=self.cfg.seed * 1000 + i,
+                    teacher, batches, num_layers=cfg.num_layers, num_shuffles=cfg.num_shuffles, threshold=cfg.threshold,
+                    max_tries=cfg.max_tries, seed=cfg.seed * 1000 + i, batch_counts=self._counts, rule=cfg.verify_rule,
+                    class_threshold=cfg.class_threshold, min_tail=cfg.min_tail,
                 )
             )
         self._searched = True
-        self._cache = []
+        self._cache, self._counts = [], []
         found = [v is not None and v.found for v in self._vaccines]
-        if self.cfg.downweight_suspicious and any(found) and not all(found):
-            weights = [self.cfg.downweight_factor if f else 1.0 for f in found]
+        if cfg.downweight_suspicious and any(found) and not all(found):
+            weights = [cfg.downweight_factor if f else 1.0 for f in found]
             set_weights = getattr(self.ctx.ensemble, "set_weights", None)
             if callable(set_weights):
                 set_weights(weights)
                 log.info("ensemble weights after the vaccine search: %s", weights)
         self._decide_sr()
 
+    def _score_unverified(self) -> None:
+        assert self.ctx is not None
+        batches = [b.to(self.ctx.device) for b in self._cache]
+        for v, teacher in zip(self._vaccines, self.ctx.teachers):
+            if v is None or v.shuffled is None:
+                continue
+            s = score_vaccine(teacher, v.shuffled, batches, self._counts)
+            v.tail_ratio, v.mean_score = s["ratio"], s["mean_score"]
+            v.tail_class_share, v.tail_class = s["tail_class_share"], s["tail_class"]
+            v.tries = [{"try": 0, "seed": v.shuffled.seed, **s}]
+        self._cache, self._counts = [], []
+
     def _decide_sr(self) -> None:
         found_any = any(v is not None and v.found for v in self._vaccines)
         sr_on = self.cfg.sr == "on" or (self.cfg.sr == "auto" and not found_any)
-        self.late_phase_fraction = self.cfg.sr_fraction if sr_on else 0.0
-        log.info("ABD: vaccine found for %d/%d teachers; SR %s", sum(v is not None and v.found for v in self._vaccines), len(self._vaccines), "on" if sr_on else "off")
+        total = self.ctx.total_iterations if self.ctx is not None else 0
+        if not sr_on:
+            self.late_phase_fraction = 0.0
+        elif self.cfg.sr_steps is not None and total > 0:
+            steps = self.ctx.student_steps if self.ctx is not None else 1
+            self.late_phase_fraction = min(1.0, math.ceil(self.cfg.sr_steps / max(1, steps)) / total)
+        else:
+            self.late_phase_fraction = self.cfg.sr_fraction
+        log.info("ABD: vaccine %s for %d/%d teachers; SR %s",
+                 "used unverified" if self.cfg.search == "off" and self.cfg.use_sv else "found",
+                 sum(v is not None and v.found for v in self._vaccines), len(self._vaccines), "on" if sr_on else "off")
 
     def _active(self) -> list[tuple[nn.Module, nn.Module]]:
         if not self._searched or self.ctx is None:
@@ -186,27 +302,58 @@ class ABDDefense(NullDefense):
 
     # ---- the hooks -------------------------------------------------------------------
     def generator_loss_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self._caching():
+            self._cache_batch(x)
         active = self._active()
         if not active:
             return None
-        terms = [vaccine_regularizer(t(x), s(x), self.cfg.generator_coef) for t, s in active]
+        terms = []
+        labels = None
+        flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for t, s in active:
+            t_logits, s_logits = t(x), s(x)
+            terms.append(vaccine_regularizer(t_logits, s_logits, self.cfg.generator_coef, self.cfg.generator_kl, self.cfg.mask))
+            flagged |= vaccine_mask(t_logits.detach(), s_logits.detach())
+            labels = t_logits.detach().argmax(1) if labels is None else labels  # the first active teacher's classes
+        self._record_flags(flagged, labels)
         return torch.stack(terms).mean()
 
+    def _record_flags(self, flagged: torch.Tensor, labels: torch.Tensor) -> None:
+        """Flag rate of this batch (per iteration) and per teacher-predicted class (over the run)."""
+        rate = float(flagged.float().mean())
+        self._flag_rate.append(rate)
+        self._flag_iter.append([float(self._iteration), rate])
+        k = int(labels.max()) + 1 if labels.numel() else 1
+        if self._class_seen is None or self._class_seen.numel() < k:
+            size = max(k, 0 if self._class_seen is None else self._class_seen.numel())
+            seen, flg = torch.zeros(size), torch.zeros(size)
+            if self._class_seen is not None:
+                seen[: self._class_seen.numel()] = self._class_seen
+                flg[: self._class_flagged.numel()] = self._class_flagged
+            self._class_seen, self._class_flagged = seen, flg
+        labels = labels.cpu()
+        self._class_seen += torch.bincount(labels, minlength=self._class_seen.numel()).float()
+        self._class_flagged += torch.bincount(labels[flagged.cpu()], minlength=self._class_seen.numel()).float()
+
     def kd_sample_weights(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
+        if self._caching():
+            self._cache_batch(x)
         if not self._searched:
-            if self.cfg.surrogate == "latest" or len(self._cache) < self.cfg.surrogate_batches:
+            if self.cfg.surrogate == "latest" or (self.cfg.surrogate == "first" and len(self._cache) < self.cfg.surrogate_batches):
                 self._cache.append(x.detach())
+                self._counts.append(1)
                 del self._cache[: -self.cfg.surrogate_batches]  # latest: a window of the last batches
+                del self._counts[: -self.cfg.surrogate_batches]
             return None
         active = self._active()
-        if not active or self.cfg.weights == "off":
+        if not active or self._weights_mode == "off":
             return None
         with torch.no_grad():
             flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for t, s in active:
                 flagged |= vaccine_mask(t(x), s(x))
             self._flag_rate.append(float(flagged.float().mean()))
-        return weights_from_mask(flagged, self.cfg.weights, self.cfg.weight_alpha, self.cfg.weight_coef).to(x.device)
+        return weights_from_mask(flagged, self._weights_mode, self.cfg.weight_alpha, self.cfg.weight_coef).to(x.device)
 
     def add_student_gradient(self, student: nn.Module, x: torch.Tensor) -> None:
         self._step += 1
@@ -219,17 +366,29 @@ class ABDDefense(NullDefense):
 
     # ---- what happened ---------------------------------------------------------------
     def report(self) -> dict[str, Any]:
+        def num(value: float) -> float | None:
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
         teachers = []
         for v in self._vaccines:
             if v is None:
                 teachers.append({"searched": False})
             else:
-                teachers.append(
-                    {"searched": True, "found": v.found, "tail_ratio": v.tail_ratio, "mean_score": v.mean_score, "tries": len(v.tries)}
-                )
+                teachers.append({
+                    "searched": v.verified, "verified": v.verified, "found": v.found, "tail_ratio": num(v.tail_ratio),
+                    "mean_score": num(v.mean_score), "tries": len(v.tries),
+                    "tail_class_share": num(v.tail_class_share), "tail_class": v.tail_class,
+                })
         sr = self._sr_logs
+        per_class = None
+        if self._class_seen is not None:
+            per_class = [
+                {"class": c, "samples": int(n), "flag_rate": float(f / n) if n > 0 else None}
+                for c, (n, f) in enumerate(zip(self._class_seen.tolist(), self._class_flagged.tolist()))
+            ]
         return {
             "config": {k: v for k, v in asdict(self.cfg).items() if k != "sr_config"},
+            "weights_mode": self._weights_mode,
             "teachers": teachers,
             "vaccines_found": sum(1 for t in teachers if t.get("found")),
             "sr_active": self.late_phase_fraction > 0,
@@ -237,4 +396,6 @@ class ABDDefense(NullDefense):
             "sr_kl_mean": float(sum(d["sr_kl"] for d in sr) / len(sr)) if sr else None,
             "sr_scale_mean": float(sum(d["sr_scale"] for d in sr) / len(sr)) if sr else None,
             "flagged_share": float(sum(self._flag_rate) / len(self._flag_rate)) if self._flag_rate else None,
+            "flag_rate_per_iteration": self._flag_iter,
+            "flag_rate_per_class": per_class,
         }

@@ -17,41 +17,37 @@ update (Algorithm 1):
 3. :func:`add_sr_gradient` -- adds ``weight * hypergradient`` to the parameters' ``.grad``
    after the KD backward pass and before ``optimizer.step()``.
 
-Choices, stated once here and referred to by the functions below:
+Defaults follow the reference's runs (illidanlab/ABD ``zskt/solver.py`` SR branch with
+``use_hg``, ``zskt/utils/hypergrad.py``; DESIGN.md Sec. 4); each older choice of ours stays
+an option:
 
-* **Target detached.** The clean prediction ``S(x)`` is the *target* of the KL and is
-  computed under ``torch.no_grad()``; only the perturbed branch ``S(x + delta)`` carries
-  gradient, in both the inner and the outer loss (the reference's inner loss and its ZSKT
-  outer loss do this; its CMI outer loss does not detach). Hence ``dL_out/dtheta`` and
-  ``dPhi/dtheta`` only flow through ``S(x + delta | theta)``.
-* **Initialisation.** ``delta = 0`` is a stationary point of ``KL(S(x) || S(x + delta))``:
-  the KL and its gradient in ``delta`` are exactly 0 there in exact arithmetic, so plain
-  gradient ascent never leaves it. In floating point the computed gradient at 0 is
-  rounding noise (about 1e-10 in float32, 1e-17 in float64, from ``softmax`` not summing to
-  exactly 1), and Adam's per-coordinate normalisation turns that noise into full-size
-  steps -- so the reference's zero start does move, but in a direction set by rounding
-  (kernel- and platform-dependent, not seedable). We therefore start from
-  ``N(0, init_std^2 I)`` as the paper's Algorithm 1 writes (default ``init_std = 1e-3``,
-  drawn from a seeded ``torch.Generator``), which gives a real, reproducible ascent
-  direction; ``init_std = 0`` reproduces the reference's zero start.
-* **Fixed-point map.** ``Phi(delta, theta) = delta + gamma * grad_delta L_in(delta, theta)``
-  with ``L_in = kl_shift(x, delta) - delta_l2 * ||delta||^2`` on the full batch (one
-  gradient-ascent step; ``delta_l2 = 0`` by default, the reference uses 1e-3 here).
-* **Neumann variant.** With ``A = dPhi/ddelta``, ``B = dPhi/dtheta``, ``g_d = dL_out/ddelta``
-  and ``g_t = dL_out/dtheta``: ``v_0 = g_d``, ``v_{k+1} = A^T v_k + g_d`` for
-  ``k < K = fixed_point_steps``, i.e. ``v_K = sum_{j=0..K} (A^T)^j g_d`` (K + 1 terms of the
-  Neumann series of ``(I - A^T)^{-1} g_d``), and the hypergradient is
-  ``g_t + B^T v_K``. (The hypertorch/reference ``fixed_point`` starts from ``v_0 = 0`` and
-  so keeps K terms; ours keeps one more, and ``K = 0`` still includes ``B^T g_d``.) The
-  series converges to the exact implicit gradient only where ``A`` is a contraction; for
-  ReLU networks it generally is not, so it is a truncated approximation by design.
-* **Outer portion.** ``L_out`` is ``kl_shift`` averaged over a random ``portion`` of the
-  batch (``max(1, floor(portion * N))`` samples). The reference sums the KL of those samples
-  but divides by the full batch size (unpatched samples contribute 0), i.e. its outer loss
-  is ours times ``m / N``; use ``weight = m / N`` (about ``portion``) to match its scale.
-* **BatchNorm.** All SR computations run with the whole model in ``eval()`` mode (BN uses
-  running statistics and none are updated; dropout is off); each submodule's previous
-  mode is restored afterwards. The reference keeps the student in train mode here.
+* **Scale** (``reduction``). ``reference`` (default): every KL is ``F.kl_div(...,
+  reduction="mean")``, a mean over batch *and* classes. The outer loss is that mean over
+  the **whole** batch with ``delta`` patched into a random ``portion`` of it, so the
+  unpatched samples contribute (almost) nothing and the loss is about ``portion / K`` of a
+  per-sample KL; the fixed-point map steps on the inner loss of the same scale.
+  ``portion``: the outer loss averages the class-summed KL over the patched samples only,
+  and the inner losses sum over classes (our earlier default: ~``N K / m`` times the
+  reference's outer term and ``K`` times its fixed-point step).
+* **Series start** (``fixed_point_start``). ``zero`` (default, hypertorch's
+  ``fixed_point``): ``v_0 = 0``, ``v_{k+1} = A^T v_k + g_d`` for K steps, i.e. K terms
+  ``sum_{j<K} (A^T)^j g_d``; ``outer``: ``v_0 = g_d`` (K + 1 terms).
+* **delta** (``delta_source``). ``teacher`` (default, the sweeps' ``sup_pert_model:
+  teacher``): ``delta`` maximises the shift of the teacher's (ensemble's) output, the
+  teacher in eval mode; ``student``: the paper's Algorithm 1. The hypergradient's inner
+  loss is always the student's. ``delta`` is unbounded (``eps=None``) with the inner
+  objectives' ``-delta_l2 ||delta||^2`` term (1e-3), as the reference.
+* **BatchNorm** (``bn_mode``). ``train`` (default): the student's BN layers normalise with
+  batch statistics and update their running statistics, as the reference's train-mode
+  student; ``batch``: batch statistics, running statistics untouched; ``eval``: running
+  statistics. Dropout is off in every mode.
+* **Initialisation** (a departure). ``delta = 0`` is a stationary point of
+  ``KL(S(x) || S(x + delta))``; from it the reference's Adam moves in a direction set by
+  floating-point rounding (not seedable). We start from ``N(0, init_std^2 I)`` (default
+  ``init_std = 1e-3``, a seeded ``torch.Generator``) as the paper's Algorithm 1 writes;
+  ``init_std = 0`` is the reference's zero start.
+* **Target detached.** The clean prediction is the KL's target, computed under
+  ``torch.no_grad()``; gradients flow only through ``S(x + delta)``, as the reference.
 """
 
 from __future__ import annotations
@@ -67,16 +63,19 @@ from torch import nn
 from abd_fl.distill.losses import kd_kl_per_sample
 
 
-BN_MODES = ("eval", "batch")
+BN_MODES = ("train", "batch", "eval")
 DELTA_SOURCES = ("student", "teacher")
+REDUCTIONS = ("reference", "portion")
+SERIES_STARTS = ("zero", "outer")
 
 
 @dataclass
 class SRConfig:
     """Hyper-parameters of Self-Retrospection (ABD paper Sec. 4.2, Algorithm 1).
 
-    Defaults follow the ABD reference (``n_delta`` 10, Adam lr 0.1, K = 5 fixed-point
-    steps with ``gamma`` 0.1, 2% outer portion).
+    Defaults follow the ABD reference's runs (``n_delta`` 10, Adam lr 0.1, K = 5 fixed-point
+    steps from ``v_0 = 0`` with ``gamma`` 0.1, 2% outer portion, batch x class means, delta
+    from the teacher, unbounded with a 1e-3 L2 term, train-mode BN).
     """
 
     n_delta: int = 10
@@ -92,19 +91,24 @@ class SRConfig:
     weight: float = 1.0
     """Scale of the hypergradient added to ``.grad`` (0 disables SR)."""
     eps: float | None = None
-    """Optional L_inf bound on delta (clamped after each step); None = unbounded."""
+    """Optional L_inf bound on delta (clamped after each step); None = unbounded (the reference)."""
     init_std: float = 1e-3
     """Std of the Gaussian start of delta (0 = zeros as the reference: a stationary point; see module doc)."""
-    delta_l2: float = 0.0
-    """Weight of the ``-delta_l2 * ||delta||^2`` term in the inner objective (reference: 1e-3)."""
-    delta_source: str = "student"
+    delta_l2: float = 1e-3
+    """Weight of the ``-delta_l2 * ||delta||^2`` term in the inner objectives (the reference's 1e-3)."""
+    reduction: str = "reference"
+    """``reference`` (batch x class means, outer loss over the whole batch) or ``portion`` (see module doc)."""
+    fixed_point_start: str = "zero"
+    """``zero`` (hypertorch's v_0 = 0: K series terms) or ``outer`` (v_0 = g_d: K + 1 terms)."""
+    delta_source: str = "teacher"
     """Model whose output shift ``delta`` maximises: ``student`` (the paper's Algorithm 1) or
     ``teacher`` (the reference's ``sup_pert_model=teacher`` option: the teachers' own most
     disruptive universal perturbation, a stand-in for their trigger). The hypergradient is
     always the student's."""
-    bn_mode: str = "eval"
-    """BatchNorm during SR: ``eval`` (running statistics) or ``batch`` (batch statistics, as the
-    reference's train-mode student; running statistics are left unchanged either way)."""
+    bn_mode: str = "train"
+    """The student's BatchNorm during SR: ``train`` (batch statistics, running statistics
+    updated: the reference's train-mode student), ``batch`` (batch statistics, running
+    statistics unchanged) or ``eval`` (running statistics)."""
     max_grad_ratio: float | None = None
     """Optional cap (our addition, not in the paper): the added SR gradient's L2 norm is at
     most this multiple of the norm of the gradient already in ``.grad`` (the KD loss'), so
@@ -141,6 +145,10 @@ class SRConfig:
             raise ValueError(f"SRConfig.delta_source must be one of {', '.join(DELTA_SOURCES)}, got {self.delta_source!r}")
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"SRConfig.bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"SRConfig.reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}")
+        if self.fixed_point_start not in SERIES_STARTS:
+            raise ValueError(f"SRConfig.fixed_point_start must be one of {', '.join(SERIES_STARTS)}, got {self.fixed_point_start!r}")
         if not is_num(self.delta_l2) or self.delta_l2 < 0:
             raise ValueError(f"SRConfig.delta_l2 must be a finite number >= 0, got {self.delta_l2!r}")
         if self.max_grad_ratio is not None and (not is_num(self.max_grad_ratio) or self.max_grad_ratio <= 0):
@@ -153,16 +161,20 @@ def _eval_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
 
     With ``bn_mode="batch"`` the BatchNorm layers instead normalise with the statistics of
     the batch they see (train mode) while their running statistics stay untouched
-    (momentum 0 for the duration); everything else (dropout) is still in eval mode.
+    (momentum 0 for the duration); with ``bn_mode="train"`` they are in plain train mode
+    (running statistics updated, as a train-mode model); dropout stays in eval mode.
     """
     modes = [(m, m.training) for m in model.modules()]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms]
+    momenta = [] if bn_mode == "train" else [
+        (m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in norms
+    ]
     model.eval()
-    if bn_mode == "batch":
+    if bn_mode in ("batch", "train"):
         for m in norms:
             m.train()
-            m.momentum = 0.0
+            if bn_mode == "batch":
+                m.momentum = 0.0
     try:
         yield
     finally:
@@ -174,9 +186,13 @@ def _eval_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[None]:
                 m.num_batches_tracked.copy_(tracked)
 
 
-def _kl_to_target(model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of KL(softmax(target_logits) || S(x + delta))."""
-    return kd_kl_per_sample(model(x + delta), target_logits).mean()
+def _kl_to_target(
+    model: nn.Module, x: torch.Tensor, delta: torch.Tensor, target_logits: torch.Tensor, reduction: str = "portion"
+) -> torch.Tensor:
+    """Mean over samples of KL(softmax(target_logits) || S(x + delta)): class-averaged
+    (``F.kl_div(reduction="mean")``) for ``reduction="reference"``, class-summed otherwise."""
+    class_reduction = "mean" if reduction == "reference" else "sum"
+    return kd_kl_per_sample(model(x + delta), target_logits, class_reduction=class_reduction).mean()
 
 
 def kl_shift(model: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -202,7 +218,9 @@ def _initial_delta(x: torch.Tensor, cfg: SRConfig, seed: int | None) -> torch.Te
     return (noise * cfg.init_std).to(x.device)
 
 
-def synthesize_delta(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int | None = None) -> torch.Tensor:
+def synthesize_delta(
+    model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int | None = None, bn_mode: str | None = None
+) -> torch.Tensor:
     """Universal perturbation ``delta`` of shape (1, C, H, W) maximising ``kl_shift``.
 
     Algorithm 1 (ABD paper Sec. 4.2), inner loop: start from ``N(0, init_std^2 I)`` (seeded
@@ -210,7 +228,8 @@ def synthesize_delta(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int
     ``cfg.n_delta`` Adam steps (lr ``cfg.delta_lr``) on ``-(kl_shift - delta_l2 ||delta||^2)``,
     clamping to ``[-eps, eps]`` after each step when ``cfg.eps`` is set. The model runs in
     eval mode (restored afterwards) and only ``delta`` is differentiated, so no parameter
-    ``.grad`` is touched. Returns a detached tensor with ``x``'s dtype and device.
+    ``.grad`` is touched. ``bn_mode`` (default ``cfg.bn_mode``) sets the model's BN mode; a
+    teacher is always used in eval mode. Returns a detached tensor with ``x``'s dtype and device.
     """
     x = x.detach()
     delta = _initial_delta(x, cfg, seed)
@@ -218,11 +237,11 @@ def synthesize_delta(model: nn.Module, x: torch.Tensor, cfg: SRConfig, seed: int
         delta = delta.clamp(-cfg.eps, cfg.eps)
     delta.requires_grad_(True)
     opt = torch.optim.Adam([delta], lr=cfg.delta_lr)
-    with torch.enable_grad(), _eval_mode(model, cfg.bn_mode):
+    with torch.enable_grad(), _eval_mode(model, cfg.bn_mode if bn_mode is None else bn_mode):
         with torch.no_grad():
             target = model(x)
         for _ in range(cfg.n_delta):
-            objective = _kl_to_target(model, x, delta, target)
+            objective = _kl_to_target(model, x, delta, target, cfg.reduction)
             if cfg.delta_l2 > 0:
                 objective = objective - cfg.delta_l2 * delta.pow(2).sum()
             (grad,) = torch.autograd.grad(-objective, delta)
@@ -257,19 +276,23 @@ def _hypergradient(
         # statistics (bn_mode="batch") are those of the batch, as in the reference.
         patch = torch.zeros((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
         patch[idx] = 1.0
-        l_out = kd_kl_per_sample(model(x + patch * d), target)[idx].mean()
+        if cfg.reduction == "reference":  # F.kl_div(reduction="mean") over the whole batch x classes
+            l_out = kd_kl_per_sample(model(x + patch * d), target, class_reduction="mean").mean()
+        else:  # the class-summed KL averaged over the patched samples only
+            l_out = kd_kl_per_sample(model(x + patch * d), target)[idx].mean()
         g_out = torch.autograd.grad(l_out, [d, *params], allow_unused=True)
         g_d = g_out[0] if g_out[0] is not None else torch.zeros_like(d)
         g_t = [g if g is not None else torch.zeros_like(p) for g, p in zip(g_out[1:], params)]
 
         # Fixed-point map Phi(delta, theta) = delta + gamma * grad_delta L_in, kept differentiable.
-        kl_in = _kl_to_target(model, x, d, target)
+        kl_in = _kl_to_target(model, x, d, target, cfg.reduction)
         l_in = kl_in - cfg.delta_l2 * d.pow(2).sum() if cfg.delta_l2 > 0 else kl_in
         (grad_in,) = torch.autograd.grad(l_in, d, create_graph=True)
         phi = d + cfg.fixed_point_lr * grad_in
 
-        # v_K = sum_{j=0..K} (A^T)^j g_d via vector-Jacobian products with A = dPhi/ddelta.
-        v = g_d
+        # v_K via vector-Jacobian products with A = dPhi/ddelta: from v_0 = 0 (hypertorch:
+        # sum_{j<K} (A^T)^j g_d) or from v_0 = g_d (sum_{j<=K}).
+        v = torch.zeros_like(g_d) if cfg.fixed_point_start == "zero" else g_d
         for _ in range(cfg.fixed_point_steps):
             (a_t_v,) = torch.autograd.grad(phi, d, grad_outputs=v, retain_graph=True)
             v = a_t_v + g_d
@@ -294,16 +317,17 @@ def sr_hypergradient(
     function theorem, ``grad psi = g_t + B^T (I - A^T)^{-1} g_d``, and the inverse is replaced
     by the fixed-point iteration of Grazzi et al. (2020)::
 
-        v_0 = g_d;  v_{k+1} = A^T v_k + g_d  (k = 0..K-1);  hypergrad = g_t + B^T v_K
+        v_0 = 0 (or g_d);  v_{k+1} = A^T v_k + g_d  (k = 0..K-1);  hypergrad = g_t + B^T v_K
 
-    i.e. the Neumann series truncated after K + 1 terms, ``v_K = sum_{j=0..K} (A^T)^j g_d``,
+    i.e. the Neumann series truncated after K terms (``fixed_point_start="zero"``, hypertorch's
+    ``fixed_point``) or K + 1 (``"outer"``), ``v_K = sum_{j<K} (A^T)^j g_d``,
     where ``A = dPhi/ddelta``, ``B = dPhi/dtheta``, ``g_d, g_t`` are the partial gradients of
-    ``L_out = kl_shift`` on a random ``cfg.portion`` of the batch (indices drawn with
-    ``torch.randperm(N, generator=generator)``; the global RNG when None) and ``L_in`` is
-    ``kl_shift`` on the full batch (minus ``delta_l2 ||delta||^2``). All products are
-    vector-Jacobian products from ``torch.autograd.grad`` (double backward); no Jacobian is
-    formed. Clean predictions are detached targets; the model runs in eval mode (restored
-    afterwards), so BN running statistics are used and not updated.
+    ``L_out``, the shift KL with ``delta`` patched into a random ``cfg.portion`` of the batch
+    (indices drawn with ``torch.randperm(N, generator=generator)``; the global RNG when None;
+    scale per ``cfg.reduction``) and ``L_in`` is the shift KL on the full batch (minus
+    ``delta_l2 ||delta||^2``). All products are vector-Jacobian products from
+    ``torch.autograd.grad`` (double backward); no Jacobian is formed. Clean predictions are
+    detached targets; BN per ``cfg.bn_mode`` (each module's mode restored afterwards).
 
     Returns one detached tensor per ``p in model.parameters() if p.requires_grad``, same
     shapes and order; ``.grad`` is not touched.
@@ -335,7 +359,10 @@ def add_sr_gradient(
     """
     if cfg.delta_source == "teacher" and teacher is None:
         raise ValueError("SRConfig.delta_source='teacher' needs the teacher model")
-    delta = synthesize_delta(teacher if cfg.delta_source == "teacher" else model, x, cfg, seed=seed)
+    if cfg.delta_source == "teacher":
+        delta = synthesize_delta(teacher, x, cfg, seed=seed, bn_mode="eval")  # the reference's teacher.eval()
+    else:
+        delta = synthesize_delta(model, x, cfg, seed=seed)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     hyper, kl_value = _hypergradient(model, x, delta, cfg, generator)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -52,7 +52,11 @@ __all__ = [
     "shuffle_scores",
     "shuffled_copy",
     "suspicion_auc",
+    "score_vaccine",
+    "soft_vaccine_mask",
+    "tail_class_share",
     "tail_ratio",
+    "teacher_labels",
     "vaccine_mask",
     "vaccine_regularizer",
 ]
@@ -258,6 +262,38 @@ class VaccineResult:
     tail_ratio: float
     mean_score: float
     tries: list[dict[str, Any]] = field(default_factory=list)
+    verified: bool = True
+    """False for a vaccine used without verification (``search="off"``, the reference's CIFAR-10 runs)."""
+    tail_class_share: float = math.nan
+    """Share of the low-score tail (below mean - 3 std) that the teacher labels with the tail's
+    most common class (:func:`tail_class_share`); NaN when the tail is empty."""
+    tail_class: int = -1
+    """That most common class (-1 when the tail is empty)."""
+
+
+def tail_class_share(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
+    """(share, class, size) of the low-score tail's most common teacher label.
+
+    The tail is the samples with ``S(x) < mean - 3 std`` (as :func:`tail_ratio`); ``labels``
+    are the teacher's argmax classes of the same samples. A backdoored teacher's tail on
+    synthetic data is mostly the target class; a clean teacher's tail is spread over classes
+    (README, "What limits SV at 8x8"). A data-free statistic: no label or target is known.
+    Returns ``(nan, -1, 0)`` for an empty tail.
+    """
+    s = torch.as_tensor(scores).detach().cpu().double().flatten()
+    y = torch.as_tensor(labels).detach().cpu().long().flatten()
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({tuple(s.shape)}) and labels ({tuple(y.shape)}) differ in shape")
+    tail = s < s.mean() - 3.0 * s.std(unbiased=False)
+    n = int(tail.sum())
+    if n == 0:
+        return math.nan, -1, 0
+    counts = torch.bincount(y[tail])
+    cls = int(counts.argmax())
+    return float(counts[cls]) / n, cls, n
+
+
+VERIFY_RULES = ("tail_ratio", "tail_class")
 
 
 def _try_seed(seed: int, attempt: int) -> int:
@@ -274,12 +310,21 @@ def search_vaccine(
     max_tries: int = 8,
     seed: int = 0,
     logger: logging.Logger | None = None,
+    batch_counts: Sequence[int] | None = None,
+    rule: str = "tail_ratio",
+    class_threshold: float = 0.6,
+    min_tail: int = 10,
 ) -> VaccineResult:
     """Vaccine verification and search (Sec. 4.3; Algorithm 2, "search for T~ at most 8 trials").
 
     Each try builds a fresh :class:`ShuffledEnsemble` (seed derived from ``seed`` and the
     try index), scores every cached surrogate sample with :func:`shuffle_scores` and
-    computes :func:`tail_ratio`; the first try with ``ratio > threshold`` is accepted. Each
+    computes :func:`tail_ratio`; the first try with ``ratio > threshold`` is accepted
+    (``rule="tail_ratio"``, the paper's). ``rule="tail_class"`` (our data-free alternative,
+    not in the paper) accepts instead when the tail holds at least ``min_tail`` samples and
+    :func:`tail_class_share` is at least ``class_threshold``. ``batch_counts`` gives each
+    batch a multiplicity (a batch the loop used k times counts k times, as the reference's
+    cache of every inner step holds it k times). Each
     try is logged at INFO level on ``logger`` (default: the ``"abd_fl"`` logger). When no
     try passes, ``found`` is False and the caller falls back to Self-Retrospection only.
     """
@@ -291,37 +336,78 @@ def search_vaccine(
     num_shuffles = _check_int("num_shuffles", num_shuffles, 1)
     num_layers = _check_int("num_layers", num_layers, 1)
     seed = _check_int("seed", seed, 0)
-    batches = [b for b in surrogate_batches if b.shape[0] > 0]
+    if rule not in VERIFY_RULES:
+        raise ValueError(f"unknown vaccine verification rule '{rule}'; choose one of: {', '.join(VERIFY_RULES)}")
+    counts_in = list(batch_counts) if batch_counts is not None else [1] * len(surrogate_batches)
+    if len(counts_in) != len(surrogate_batches) or any(int(c) < 1 for c in counts_in):
+        raise ValueError(f"batch_counts must hold one integer >= 1 per batch, got {counts_in!r}")
+    kept = [(b, int(c)) for b, c in zip(surrogate_batches, counts_in) if b.shape[0] > 0]
+    batches = [b for b, _ in kept]
+    repeats = torch.tensor([c for b, c in kept for _ in range(b.shape[0])], dtype=torch.long)
     if not batches:
         raise ValueError("surrogate_batches is empty: the vaccine search needs cached surrogate samples")
     log = logger if logger is not None else _LOG
 
+    labels = teacher_labels(teacher, batches).repeat_interleave(repeats)
     tries: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     for attempt in range(max_tries):
         try_seed = _try_seed(seed, attempt)
         ensemble = ShuffledEnsemble(teacher, num_shuffles=num_shuffles, num_layers=num_layers, seed=try_seed)
-        scores = score_batches(teacher, ensemble, batches)
+        scores = score_batches(teacher, ensemble, batches).repeat_interleave(repeats)
+        share, cls, n_tail = tail_class_share(scores, labels)
         record = {
             "try": attempt + 1,
             "seed": try_seed,
             "ratio": tail_ratio(scores),
             "mean_score": float(scores.double().mean()),
+            "tail_class_share": share,
+            "tail_class": cls,
+            "tail_size": n_tail,
         }
         tries.append(record)
-        accepted = record["ratio"] > threshold_f
+        if rule == "tail_ratio":
+            accepted = record["ratio"] > threshold_f
+        else:
+            accepted = n_tail >= min_tail and share >= class_threshold
         log.info(
             "vaccine search try %d/%d: tail ratio %.4f (threshold %.4f), mean score %.3f%s",
             attempt + 1, max_tries, record["ratio"], threshold_f, record["mean_score"],
             " -> accepted" if accepted else "",
         )
         if accepted:
-            return VaccineResult(True, ensemble, record["ratio"], record["mean_score"], tries)
+            return VaccineResult(True, ensemble, record["ratio"], record["mean_score"], tries,
+                                 tail_class_share=share, tail_class=cls)
         if best is None or record["ratio"] > best["ratio"]:
             best = record
     assert best is not None
     log.info("vaccine search: no vaccine found in %d tries (best tail ratio %.4f)", max_tries, best["ratio"])
-    return VaccineResult(False, None, best["ratio"], best["mean_score"], tries)
+    return VaccineResult(False, None, best["ratio"], best["mean_score"], tries,
+                         tail_class_share=best["tail_class_share"], tail_class=best["tail_class"])
+
+
+@torch.no_grad()
+def teacher_labels(teacher: nn.Module, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The teacher's argmax class of every sample in ``batches`` (eval mode), on CPU."""
+    device = _model_device(teacher)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        return torch.cat([teacher(x.to(device) if device is not None else x).argmax(1).cpu() for x in batches])
+    finally:
+        teacher.train(was_training)
+
+
+def score_vaccine(
+    teacher: nn.Module, shuffled: nn.Module, batches: Sequence[torch.Tensor], batch_counts: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Tail ratio, mean score and tail-class share of a given ``T~`` on cached batches (no gating)."""
+    counts = list(batch_counts) if batch_counts is not None else [1] * len(batches)
+    repeats = torch.tensor([int(c) for b, c in zip(batches, counts) for _ in range(b.shape[0])], dtype=torch.long)
+    scores = score_batches(teacher, shuffled, batches).repeat_interleave(repeats)
+    share, cls, n_tail = tail_class_share(scores, teacher_labels(teacher, batches).repeat_interleave(repeats))
+    return {"ratio": tail_ratio(scores), "mean_score": float(scores.double().mean()),
+            "tail_class_share": share, "tail_class": cls, "tail_size": n_tail}
 
 
 # --------------------------------------------------------------------------------------
@@ -335,8 +421,23 @@ def vaccine_mask(teacher_logits: torch.Tensor, shuffled_logits: torch.Tensor) ->
     return teacher_logits.argmax(dim=1) == shuffled_logits.argmax(dim=1)
 
 
+MASK_MODES = ("hard", "soft")
+
+
+def soft_vaccine_mask(teacher_logits: torch.Tensor, shuffled_logits: torch.Tensor) -> torch.Tensor:
+    """A soft ``phi`` in [0, 1] (our calibration option, not the paper's): the shuffled
+    teacher's probability of the teacher's class, ``p_T~(argmax T | x)``; detached, shape (N,)."""
+    _check_logits(teacher_logits, shuffled_logits)
+    cls = teacher_logits.detach().argmax(dim=1, keepdim=True)
+    return F.softmax(shuffled_logits.detach(), dim=1).gather(1, cls).squeeze(1)
+
+
 def vaccine_regularizer(
-    teacher_logits: torch.Tensor, shuffled_logits: torch.Tensor, coef: float = 0.1
+    teacher_logits: torch.Tensor,
+    shuffled_logits: torch.Tensor,
+    coef: float = 0.1,
+    class_reduction: str = "mean",
+    mask: str = "hard",
 ) -> torch.Tensor:
     """The SV term to ADD to a generator's loss (Sec. 4.1 (1)), a scalar.
 
@@ -347,14 +448,24 @@ def vaccine_regularizer(
 
         -coef * mean_{i: phi_i = 1} KL(T(x_i) || T~(x_i))
 
-    (KL summed over classes, teacher as target; the mean over the flagged samples as in the
-    reference code, DESIGN.md Sec. 4; coef = alpha = 0.1 there). It is 0 (with zero
-    gradient) when no sample is flagged. Gradients flow into both logit tensors (hence to
-    the generated inputs through T and T~); ``phi`` itself is not differentiated.
+    (teacher as target; the KL averaged over classes, ``class_reduction="mean"``, and over the
+    flagged samples, as the reference's ``zskt/utils/syn_vaccine.py``; coef = alpha = 0.1
+    there; ``"sum"`` sums over classes). It is 0 (with zero gradient) when no sample is
+    flagged. Gradients flow into both logit tensors (hence to the generated inputs through
+    T and T~); ``phi`` itself is not differentiated. ``mask="soft"`` weights each sample by
+    :func:`soft_vaccine_mask` instead of the hard label match.
     """
-    kl = _kl_terms(teacher_logits, shuffled_logits).sum(dim=1)
-    mask = vaccine_mask(teacher_logits.detach(), shuffled_logits.detach()).to(kl.dtype)
-    return -float(coef) * (kl * mask).sum() / mask.sum().clamp_min(1.0)
+    if class_reduction not in ("mean", "sum"):
+        raise ValueError(f"unknown class_reduction '{class_reduction}'; choose one of: mean, sum")
+    if mask not in MASK_MODES:
+        raise ValueError(f"unknown vaccine mask '{mask}'; choose one of: {', '.join(MASK_MODES)}")
+    terms = _kl_terms(teacher_logits, shuffled_logits)
+    kl = terms.mean(dim=1) if class_reduction == "mean" else terms.sum(dim=1)
+    if mask == "hard":
+        phi = vaccine_mask(teacher_logits.detach(), shuffled_logits.detach()).to(kl.dtype)
+        return -float(coef) * (kl * phi).sum() / phi.sum().clamp_min(1.0)
+    phi = soft_vaccine_mask(teacher_logits, shuffled_logits).to(kl.dtype)
+    return -float(coef) * (kl * phi).sum() / phi.sum().clamp_min(1e-12)
 
 
 def kd_weights(

@@ -36,6 +36,10 @@ class DistillContext:
     total_iterations: int
     sample_surrogate: Callable[[], torch.Tensor]
     """Draws one batch of surrogate inputs from the synthesizer (for vaccine search)."""
+    fixed_inputs: bool = False
+    """True when the synthesizer samples a fixed set of inputs (OOD / real data), not a generator."""
+    student_steps: int = 1
+    """Student steps per iteration (the loop's 1 : k schedule)."""
 
 
 @runtime_checkable
@@ -46,6 +50,9 @@ class DistillDefense(Protocol):
     """Fraction of the final iterations in which ``add_student_gradient`` runs (0 = never)."""
     late_phase_lr: float | None
     """Learning rate of the fresh student optimizer of the late phase (None = keep the optimizer)."""
+    late_phase_schedule: str
+    """``cosine`` (the fresh optimizer's lr anneals to 0 over the late phase, as the ABD
+    reference's SR stage) or ``constant``."""
 
     def on_distill_start(self, ctx: DistillContext) -> None:
         """Called once before the first iteration."""
@@ -71,6 +78,7 @@ class NullDefense:
 
     late_phase_fraction: float = 0.0
     late_phase_lr: float | None = None
+    late_phase_schedule: str = "constant"
 
     def on_distill_start(self, ctx: DistillContext) -> None:
         return None

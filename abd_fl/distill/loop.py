@@ -26,7 +26,7 @@ from torch import nn
 from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
 from abd_fl.distill.ensemble import TeacherEnsemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
-from abd_fl.distill.losses import kd_kl_per_sample
+from abd_fl.distill.losses import KL_REDUCTIONS, kd_kl_per_sample
 from abd_fl.distill.synthesizers.base import Synthesizer
 
 
@@ -44,6 +44,14 @@ class DistillConfig:
     log_every: int = 50
     attention_beta: float = 0.0
     """Weight of attention transfer in the student's loss (0 = off; ZSKT uses 250)."""
+    clip_grad_norm: float | None = None
+    """Clip the student's gradient norm to this before each step (None = off; the reference
+    ZSKT clips to 5, as ``configs/distill/zskt.yaml``). Not applied in the late phase, where
+    the reference's SR steps do not clip."""
+    kl_reduction: str = "sum"
+    """KD's KL over classes: ``sum`` (per-sample KL) or ``mean`` (the reference ZSKT's
+    ``F.kl_div(reduction="mean")``: a batch x class mean, as ``configs/distill/zskt.yaml``).
+    Sets KD's scale against attention transfer and SR."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "student_steps", "batch_size"):
@@ -54,6 +62,11 @@ class DistillConfig:
             raise ValueError(f"distill.lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"unknown distill.kl_reduction '{self.kl_reduction}'; choose one of: {', '.join(KL_REDUCTIONS)}")
+        clip = self.clip_grad_norm
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0):
+            raise ValueError(f"distill.clip_grad_norm must be null or a finite number > 0, got {clip!r}")
         beta = self.attention_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
@@ -107,7 +120,9 @@ def distill(
         defense_time += time.perf_counter() - t0
         return term
 
-    synthesizer.setup(ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed)
+    synthesizer.setup(
+        ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed, total_iterations=cfg.iterations
+    )
     start = time.perf_counter()
     if defense is not None:
         t0 = time.perf_counter()
@@ -119,6 +134,8 @@ def distill(
                 device=device,
                 total_iterations=cfg.iterations,
                 sample_surrogate=lambda: synthesizer.sample(cfg.batch_size),
+                fixed_inputs=bool(getattr(synthesizer, "fixed_inputs", False)),
+                student_steps=cfg.student_steps,
             )
         )
         defense_time += time.perf_counter() - t0
@@ -141,7 +158,11 @@ def distill(
             late_started = True
             if defense.late_phase_lr is not None:  # a fresh student optimizer at a small lr (ABD's SR)
                 optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
-                scheduler = None
+                late_steps = (cfg.iterations - it) * cfg.student_steps
+                scheduler = (
+                    torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, late_steps))
+                    if getattr(defense, "late_phase_schedule", "constant") == "cosine" else None
+                )
         logs = synthesizer.generator_round(it)
         kd_total, at_total = 0.0, 0.0
         for _ in range(cfg.student_steps):
@@ -150,7 +171,7 @@ def distill(
                 t_logits = ensemble(x)
             with student_rec if student_rec is not None else nullcontext():
                 s_logits = student(x)
-            per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature)
+            per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature, cfg.kl_reduction)
             weights = None
             if defense is not None:
                 t0 = time.perf_counter()
@@ -171,11 +192,14 @@ def distill(
                 t0 = time.perf_counter()
                 defense.add_student_gradient(student, x)
                 defense_time += time.perf_counter() - t0
+            elif cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
             kd_total += kd_value
-        logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase)}
+        logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase),
+                "student_lr": float(optimizer.param_groups[0]["lr"])}
         if use_at:
             logs["at_loss"] = at_total / cfg.student_steps
         if cfg.log_every and (it % cfg.log_every == 0 or it == cfg.iterations - 1):

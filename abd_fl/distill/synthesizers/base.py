@@ -20,6 +20,10 @@ class Synthesizer(ABC):
     synthesizer that trains a generator adds its value to the generator's loss.
     """
 
+    fixed_inputs: bool = False
+    """True for synthesizers that sample a fixed set of inputs (real/OOD data, no generator):
+    the ABD reference weights the KD loss by the vaccine's mask only on such data."""
+
     def setup(
         self,
         ensemble: nn.Module,
@@ -28,6 +32,7 @@ class Synthesizer(ABC):
         device: torch.device,
         extra_generator_loss: GeneratorLossHook | None = None,
         seed: int = 0,
+        total_iterations: int | None = None,
     ) -> None:
         self.ensemble = ensemble
         self.student = student
@@ -35,6 +40,8 @@ class Synthesizer(ABC):
         self.device = device
         self.extra_generator_loss = extra_generator_loss
         self.seed = seed
+        self.total_iterations = total_iterations
+        """Iterations of the run (for learning-rate schedules); None when unknown."""
         self._setup()
 
     def _setup(self) -> None:

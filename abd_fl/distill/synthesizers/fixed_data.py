@@ -11,6 +11,8 @@ from abd_fl.distill.synthesizers.base import Synthesizer
 class FixedDataSynthesizer(Synthesizer):
     """Samples mini-batches (with replacement across batches) from fixed images in [0, 1]."""
 
+    fixed_inputs = True
+
     def __init__(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"fixed distillation data must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")

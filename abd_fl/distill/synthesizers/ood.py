@@ -66,6 +66,8 @@ def cutmix(
 
 
 class OODPatchSynthesizer(Synthesizer):
+
+    fixed_inputs = True
     def __init__(
         self,
         image: str = "china",
