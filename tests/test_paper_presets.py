@@ -31,17 +31,21 @@ TINY = [
 
 
 @pytest.mark.parametrize(
-    "preset, dataset, temperature",
-    [("cifar10_paper", "cifar10", 1.0), ("gtsrb_paper", "gtsrb", 0.5)],
+    "preset, dataset, temperature, iterations, search",
+    [("cifar10_paper", "cifar10", 1.0, 80000, "off"), ("gtsrb_paper", "gtsrb", 0.5, 10000, "verify")],
 )
-def test_paper_preset_composes_to_the_paper_setting(preset: str, dataset: str, temperature: float) -> None:
+def test_paper_preset_composes_to_the_paper_setting(
+    preset: str, dataset: str, temperature: float, iterations: int, search: str
+) -> None:
     cfg = compose_config([f"experiment={preset}"])
     assert cfg["runner"] == "centralized" and cfg["dataset"]["name"] == dataset
     assert (cfg["model"]["client"], cfg["model"]["student"], cfg["model"]["shuffle_layers"]) == ("wrn16_2", "wrn16_1", 5)
     assert cfg["attack"]["trigger"] == "badnets_grid" and cfg["attack"]["poison_rate"] == 0.1
-    assert cfg["distill"]["synthesizer"] == "zskt" and cfg["distill"]["iterations"] == 7273  # 80k pseudo-batches / (1 + 10)
+    # one iteration = one reference pseudo-batch (1 generator + 10 student steps on one z)
+    assert cfg["distill"]["synthesizer"] == "zskt" and cfg["distill"]["iterations"] == iterations
     assert cfg["distill"]["temperature"] == temperature
-    assert cfg["defense"]["params"]["surrogate_batches"] == 50
+    params = cfg["defense"]["params"]
+    assert params["search"] == search and params["sr"] == "on" and (params["surrogate_start"], params["surrogate_stop"]) == (11, 50)
 
 
 @pytest.mark.parametrize("preset, writer", [("cifar10_paper", write_cifar10), ("gtsrb_paper", write_gtsrb)])
