@@ -1,8 +1,9 @@
 """Issue 12, item 3: the Shuffling Vaccine's accuracy / ASR trade-off, centralized ZSKT.
 
 Runs ``abd-fl experiment=central`` with ``defense=sv`` (SV only; ``search=off`` by default,
-i.e. SV from step 0 as the reference's CIFAR-10 runs) for a grid of SV settings, beside the
-undefended baseline of the same teacher and seed, and writes every run's Acc / ASR / floor
+i.e. SV from step 0 as the reference's CIFAR-10 runs) for a grid of SV settings (and a few
+points with SR: ``sr_only``, ``abd``, ``abd_bw``), beside the undefended baseline of the same
+teacher and seed, and writes every run's Acc / ASR / floor
 and the vaccine's flag rate on target-labelled vs other generator samples to
 ``<out>/results.jsonl`` as it finishes; ``--report`` rebuilds ``results.md`` and the figure
 (``docs/figures/sv_tradeoff.png``) from it.
@@ -41,6 +42,16 @@ POINTS: dict[str, list[str]] = {
     "shuffles8": ["defense=sv", f"{P}.num_shuffles=8"],
     "soft": ["defense=sv", f"{P}.mask=soft"],
     "soft_coef0.03": ["defense=sv", f"{P}.mask=soft", f"{P}.generator_coef=0.03"],
+    "batchnorm": ["defense=sv", f"{P}.generator_norm=batch"],
+    "batchnorm_coef1": ["defense=sv", f"{P}.generator_norm=batch", f"{P}.generator_coef=1.0"],
+    "weights": ["defense=sv", f"{P}.weights=paper"],  # + the paper's KD weights on flagged samples (1/10)
+    "batchnorm_weights": ["defense=sv", f"{P}.generator_norm=batch", f"{P}.weights=paper"],
+    "weights_only": ["defense=sv", f"{P}.generator_coef=0.0", f"{P}.weights=paper"],
+    # with Self-Retrospection: SR only, the reference's ABD (SV then SR), and ABD on a calibrated SV
+    "sr_only": ["defense=sr"],
+    "abd": ["defense=abd"],
+    "abd_bw": ["defense=abd", f"{P}.generator_norm=batch", f"{P}.weights=paper"],
+    "abd_bnbatch": ["defense=abd", f"{P}.sr_config.bn_mode=batch"],  # SR without updating BN running statistics
 }
 TARGET = 0  # the configs' attack.target_label
 
@@ -65,11 +76,19 @@ def flag_rates(run_dir: Path) -> dict[str, float | None]:
     return {}
 
 
+def attack_overrides(trigger: str) -> list[str]:
+    """``clean``: a teacher trained without poison (ASR measured with BadNets grid): the no-attacker control."""
+    if trigger == "clean":
+        return ["attack=badnets_grid", "attack.poison_rate=0.0"]
+    return [f"attack={trigger}"]
+
+
 def one(out: Path, trigger: str, point: str, seed: int, extra: list[str]) -> dict:
-    overrides = ["experiment=central", f"attack={trigger}", "clean_kd_reference.enabled=false",
+    overrides = ["experiment=central", *attack_overrides(trigger), "clean_kd_reference.enabled=false",
                  "defense.compare_baseline=false", *POINTS[point], *extra]
     summary = run_one(out, f"{trigger}-{point}", overrides, seed, resume=True)
-    arm = "dfkd_student" if point == "baseline" else "sv_student"
+    defense = next(o.split("=", 1)[1] for o in POINTS[point] if o.startswith("defense="))
+    arm = "dfkd_student" if defense == "none" else f"{defense}_student"
     row = {"trigger": trigger, "point": point, "seed": seed, "overrides": overrides,
            "teacher": summary["malicious_teacher"], **{k: summary[arm][k] for k in ("acc", "asr", "asr_floor")},
            "wall_s": summary["_wall_s"]}
@@ -138,7 +157,7 @@ def save_figure(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--triggers", nargs="+", default=["badnets_grid"])
+    parser.add_argument("--triggers", nargs="+", default=["badnets_grid"], help="attack configs, or clean (no poison)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each with one torch thread)")

@@ -4,6 +4,7 @@ mean and spread (min-max) of Acc / ASR / ASR floor per role, plus detection AUCs
     .venv/bin/python benchmarks/sweep.py central --seeds 0 1 2      # one poisoned teacher, ZSKT
     .venv/bin/python benchmarks/sweep.py fl --seeds 0 1 2           # the FL default scenario
     .venv/bin/python benchmarks/sweep.py ablation --seeds 0 1 2     # SV only / SR only / both, 2 triggers
+    .venv/bin/python benchmarks/sweep.py table4 --seeds 0 1 2       # the same for grid, square, Trojan WM (issue 12)
 
 Each run is a real ``abd-fl`` invocation (Flower + Ray for ``fl``); results land in
 ``outputs/sweeps/<name>/`` (every run's directory, and ``results.md``), written as they
@@ -30,6 +31,11 @@ SETTINGS = {
     "ablation": [
         (trigger, ["experiment=central", f"attack={trigger}", "defense.ablation=true"])
         for trigger in ("badnets_square", "badnets_grid")
+    ],
+    # issue 12, 5(a): the paper's Table 4 shape (SV only, SR only, SV then SR = ABD, baseline)
+    "table4": [
+        (trigger, ["experiment=central", f"attack={trigger}", "defense.ablation=true"])
+        for trigger in ("badnets_grid", "badnets_square", "trojan_wm")
     ],
 }
 

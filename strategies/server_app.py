@@ -145,14 +145,19 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         detection = {}
         for arm, result in outcome.distill_results.items():
             teachers_report = result.defense_report.get("teachers") or []
-            if teachers_report and all(t.get("searched") for t in teachers_report):
+            # every teacher scored on D_s: by its vaccine search, or (search=off) its unverified vaccine
+            if teachers_report and all(t.get("tail_ratio") is not None for t in teachers_report):
                 ratios = [t["tail_ratio"] for t in teachers_report]
+                shares = [t.get("tail_class_share") or 0.0 for t in teachers_report]  # None: an empty tail
                 detection[arm] = {
                     "tail_ratio": ratios,
                     "mean_score": [t["mean_score"] for t in teachers_report],
+                    "tail_class_share": shares,
                     "vaccine_found": [t["found"] for t in teachers_report],
+                    "verified": [t.get("verified", True) for t in teachers_report],
                     "auc_tail_ratio": suspicion_auc(ratios, malicious),
                     "auc_neg_mean_score": suspicion_auc([-t["mean_score"] for t in teachers_report], malicious),
+                    "auc_tail_class_share": suspicion_auc(shares, malicious),
                 }
         record = {
             "round": outcome.server_round,

@@ -389,3 +389,45 @@ def test_search_finds_vaccine_on_poisoned_mix_and_not_on_clean(digits_setup: dic
     print("tail ratios: poisoned teacher on mix", p_ratios, "clean teacher on clean", c_ratios)
     assert np.mean(c_ratios) < np.mean(p_ratios)
     assert np.mean(c_ratios) < 0.02 < np.mean(p_ratios)
+
+
+def test_tail_class_share_counts_the_low_score_tail_by_teacher_label() -> None:
+    from abd_fl.defense.vaccine import tail_class_share
+
+    scores = torch.zeros(1000)
+    scores[:20] = -100.0  # an outlying tail of 20 samples ...
+    labels = torch.arange(1000) % 10
+    labels[:15] = 0  # ... 15 of them labelled 0
+    share, cls, n = tail_class_share(scores, labels)
+    assert (cls, n) == (0, 20) and share == pytest.approx(15 / 20)
+    assert tail_class_share(torch.zeros(50), torch.zeros(50, dtype=torch.long)) == (pytest.approx(float("nan"), nan_ok=True), -1, 0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        tail_class_share(torch.zeros(3), torch.zeros(4))
+
+
+def test_the_tail_class_rule_accepts_a_concentrated_tail_and_counts_repeated_batches() -> None:
+    from abd_fl.defense.vaccine import search_vaccine
+
+    teacher = _model("cnn_small", seed=1)
+    batches = [torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    strict = search_vaccine(teacher, batches, num_layers=1, max_tries=2, rule="tail_class", class_threshold=1.0, min_tail=10**6)
+    assert not strict.found and len(strict.tries) == 2  # an impossible tail size: never accepted
+    assert all({"tail_class_share", "tail_class", "tail_size"} <= set(t) for t in strict.tries)
+    lax = search_vaccine(teacher, batches, num_layers=1, max_tries=2, rule="tail_class", class_threshold=0.0, min_tail=0)
+    assert lax.found and lax.tries[0]["try"] == 1
+    once = search_vaccine(teacher, batches, num_layers=1, max_tries=1)
+    thrice = search_vaccine(teacher, batches, num_layers=1, max_tries=1, batch_counts=[3, 3, 3])
+    assert thrice.tail_ratio == pytest.approx(once.tail_ratio)  # the same samples, each counted 3 times
+    with pytest.raises(ValueError, match="unknown vaccine verification rule 'votes'"):
+        search_vaccine(teacher, batches, rule="votes")
+    with pytest.raises(ValueError, match="batch_counts must hold one integer >= 1 per batch"):
+        search_vaccine(teacher, batches, batch_counts=[1])
+
+
+def test_batch_normalised_regulariser_scales_with_the_flagged_share() -> None:
+    t = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.0, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    s = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.8, 0.1, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64)
+    flagged_mean = vaccine_regularizer(t, s, coef=0.1)  # 2 of 4 flagged
+    assert torch.allclose(vaccine_regularizer(t, s, coef=0.1, normalize="batch"), flagged_mean * 2 / 4)
+    with pytest.raises(ValueError, match="unknown regulariser normalisation 'all'"):
+        vaccine_regularizer(t, s, normalize="all")

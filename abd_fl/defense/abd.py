@@ -52,6 +52,7 @@ from torch import nn
 from abd_fl.defense.retrospection import SRConfig, add_sr_gradient
 from abd_fl.defense.vaccine import (
     MASK_MODES,
+    REGULARIZER_NORMS,
     VERIFY_RULES,
     ShuffledEnsemble,
     VaccineResult,
@@ -98,6 +99,7 @@ class ABDConfig:
     generator_coef: float = 0.1
     generator_kl: str = "mean"
     mask: str = "hard"
+    generator_norm: str = "flagged"
     weights: str = "auto"
     weight_alpha: float = 10.0
     weight_coef: float = 0.1
@@ -116,6 +118,7 @@ class ABDConfig:
         choices = {
             "sr": SR_MODES, "search": SEARCH_MODES, "surrogate": SURROGATE_MODES, "weights": WEIGHT_MODES,
             "sr_schedule": SR_SCHEDULES, "verify_rule": VERIFY_RULES, "mask": MASK_MODES, "generator_kl": ("mean", "sum"),
+            "generator_norm": REGULARIZER_NORMS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -312,7 +315,9 @@ class ABDDefense(NullDefense):
         flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for t, s in active:
             t_logits, s_logits = t(x), s(x)
-            terms.append(vaccine_regularizer(t_logits, s_logits, self.cfg.generator_coef, self.cfg.generator_kl, self.cfg.mask))
+            terms.append(vaccine_regularizer(
+                t_logits, s_logits, self.cfg.generator_coef, self.cfg.generator_kl, self.cfg.mask, self.cfg.generator_norm
+            ))
             flagged |= vaccine_mask(t_logits.detach(), s_logits.detach())
             labels = t_logits.detach().argmax(1) if labels is None else labels  # the first active teacher's classes
         self._record_flags(flagged, labels)

@@ -422,6 +422,7 @@ def vaccine_mask(teacher_logits: torch.Tensor, shuffled_logits: torch.Tensor) ->
 
 
 MASK_MODES = ("hard", "soft")
+REGULARIZER_NORMS = ("flagged", "batch")
 
 
 def soft_vaccine_mask(teacher_logits: torch.Tensor, shuffled_logits: torch.Tensor) -> torch.Tensor:
@@ -438,6 +439,7 @@ def vaccine_regularizer(
     coef: float = 0.1,
     class_reduction: str = "mean",
     mask: str = "hard",
+    normalize: str = "flagged",
 ) -> torch.Tensor:
     """The SV term to ADD to a generator's loss (Sec. 4.1 (1)), a scalar.
 
@@ -453,19 +455,26 @@ def vaccine_regularizer(
     there; ``"sum"`` sums over classes). It is 0 (with zero gradient) when no sample is
     flagged. Gradients flow into both logit tensors (hence to the generated inputs through
     T and T~); ``phi`` itself is not differentiated. ``mask="soft"`` weights each sample by
-    :func:`soft_vaccine_mask` instead of the hard label match.
+    :func:`soft_vaccine_mask` instead of the hard label match. ``normalize="batch"`` (our
+    calibration option) divides by the batch size instead of the flagged count, so the term
+    shrinks with the share of flagged samples (the reference's mean over the flagged samples
+    gives a lone flagged sample ``coef`` times the weight of the whole batch's KD term).
     """
     if class_reduction not in ("mean", "sum"):
         raise ValueError(f"unknown class_reduction '{class_reduction}'; choose one of: mean, sum")
     if mask not in MASK_MODES:
         raise ValueError(f"unknown vaccine mask '{mask}'; choose one of: {', '.join(MASK_MODES)}")
+    if normalize not in REGULARIZER_NORMS:
+        raise ValueError(f"unknown regulariser normalisation '{normalize}'; choose one of: {', '.join(REGULARIZER_NORMS)}")
     terms = _kl_terms(teacher_logits, shuffled_logits)
     kl = terms.mean(dim=1) if class_reduction == "mean" else terms.sum(dim=1)
     if mask == "hard":
         phi = vaccine_mask(teacher_logits.detach(), shuffled_logits.detach()).to(kl.dtype)
-        return -float(coef) * (kl * phi).sum() / phi.sum().clamp_min(1.0)
-    phi = soft_vaccine_mask(teacher_logits, shuffled_logits).to(kl.dtype)
-    return -float(coef) * (kl * phi).sum() / phi.sum().clamp_min(1e-12)
+    else:
+        phi = soft_vaccine_mask(teacher_logits, shuffled_logits).to(kl.dtype)
+    if normalize == "batch":
+        return -float(coef) * (kl * phi).sum() / kl.shape[0]
+    return -float(coef) * (kl * phi).sum() / phi.sum().clamp_min(1.0 if mask == "hard" else 1e-12)
 
 
 def kd_weights(
