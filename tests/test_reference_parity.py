@@ -219,15 +219,16 @@ def test_one_z_serves_one_generator_and_k_student_steps() -> None:
 
 
 def test_the_generator_lr_follows_its_cosine_and_its_gradient_is_clipped() -> None:
-    synth = ZSKTSynthesizer(batch_size=8, z_dim=8, ngf=8, clip_grad_norm=1e-3)
+    bound = 1e-9  # far below any real gradient norm on any machine, so clipping must act every step
+    synth = ZSKTSynthesizer(batch_size=8, z_dim=8, ngf=8, clip_grad_norm=bound)
     result = distill([_student(1)], _student(), synth,
                      config=DistillConfig(iterations=10, student_steps=1, batch_size=8, log_every=1), image_shape=(1, 8, 8))
     for h in result.history:
         it = h["iteration"]
         assert h["generator_lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * it / 10)) / 2, rel=1e-6)
-        assert h["generator_grad_norm"] > 1e-3  # clipping acted ...
+        assert h["generator_grad_norm"] > bound  # the norm before clipping: clipping acted ...
     norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in synth.generator.parameters() if p.grad is not None))
-    assert norm <= 1e-3 * 1.0001  # ... and the gradient the optimizer stepped on is within the bound
+    assert norm <= bound * 1.0001  # ... and the gradient the optimizer stepped on is within the bound
 
 
 def test_the_student_gradient_is_clipped_except_in_the_sr_stage() -> None:
@@ -246,12 +247,12 @@ def test_the_student_gradient_is_clipped_except_in_the_sr_stage() -> None:
         synth = ZSKTSynthesizer(batch_size=8, z_dim=8, ngf=8, clip_grad_norm=None)
         defense = ABDDefense(ABDConfig(use_sv=False, sr="on", sr_fraction=0.5, sr_config=SRConfig(n_delta=1, fixed_point_steps=1)))
         distill([_student(1)], student, synth, defense=defense,
-                config=DistillConfig(iterations=4, student_steps=2, batch_size=8, clip_grad_norm=1e-4), image_shape=(1, 8, 8))
+                config=DistillConfig(iterations=4, student_steps=2, batch_size=8, clip_grad_norm=1e-9), image_shape=(1, 8, 8))
     finally:
         handle.remove()
     assert len(norms) == 4 * 2  # student steps only (the generator is not clipped here)
-    assert all(n <= 1e-4 * 1.0001 for n in norms[:4])  # the first half: KD steps, clipped
-    assert all(n > 1e-4 for n in norms[4:])  # the SR stage: not clipped, as the reference
+    assert all(n <= 1e-9 * 1.0001 for n in norms[:4])  # the first half: KD steps, clipped
+    assert all(n > 1e-9 for n in norms[4:])  # the SR stage: not clipped, as the reference
 
 
 def test_the_sr_stage_anneals_a_fresh_lr_to_zero() -> None:
