@@ -143,10 +143,11 @@ def save_figure(rows: list[dict], path: Path) -> None:
             ax.errorbar(statistics.mean(acc), statistics.mean(asr),
                         xerr=[[statistics.mean(acc) - min(acc)], [max(acc) - statistics.mean(acc)]],
                         yerr=[[statistics.mean(asr) - min(asr)], [max(asr) - statistics.mean(asr)]],
-                        fmt="s" if point == "baseline" else "o", color=f"C{i % 10}", capsize=3, label=f"{point} (n={len(sel)})")
+                        fmt="s" if point == "baseline" else "o^vD"[i % 4], color=plt.cm.tab20(i % 20), capsize=3,
+                        label=f"{point} (n={len(sel)})")
         ax.set_xlabel("clean accuracy % (mean, min-max over seeds)")
         ax.set_ylabel("ASR %")
-        ax.set_title(f"SV only, central ZSKT, {trigger}")
+        ax.set_title(f"SV / SR variants, central ZSKT, {trigger}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
