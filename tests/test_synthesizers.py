@@ -312,3 +312,20 @@ def test_short_distillation_runs_end_to_end(name: str, defended: bool) -> None:
         report = result.defense_report
         assert len(report["teachers"]) == 2 and report["sr_active"] is True and report["sr_steps"] == 2
         assert result.history[-1]["late_phase"] == 1.0
+
+
+def test_zskt_makes_a_rounds_images_once_and_they_equal_a_fresh_forward_of_its_z() -> None:
+    synth = build_synthesizer("zskt", z_dim=8, ngf=8, batch_size=16)
+    synth.setup(TeacherEnsemble([tiny_model(1)]), tiny_model(2), (1, 8, 8), CPU, seed=0, total_iterations=4)
+    calls = []
+    synth.generator.register_forward_hook(lambda *_: calls.append(1))
+    for it in range(2):
+        synth.generator_round(it)
+        calls.clear()
+        first, again = synth.sample(16), synth.sample(16)
+        assert first is again and len(calls) == 1  # one generator forward serves every student step of the round
+        with torch.no_grad():
+            assert torch.equal(first, synth.generator.train()(synth._round_z))  # what a per-step regeneration gives
+    calls.clear()
+    fresh = synth.sample(8)  # another batch size: fresh z, not the round's images
+    assert fresh.shape[0] == 8 and len(calls) == 1 and synth.sample(8) is not fresh

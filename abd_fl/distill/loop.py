@@ -165,10 +165,13 @@ def distill(
                 )
         logs = synthesizer.generator_round(it)
         kd_total, at_total = 0.0, 0.0
+        x_prev: torch.Tensor | None = None
         for _ in range(cfg.student_steps):
             x = synthesizer.sample(cfg.batch_size)
-            with torch.no_grad(), recording(teacher_recs):
-                t_logits = ensemble(x)
+            if x is not x_prev or use_at:  # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once
+                with torch.no_grad(), recording(teacher_recs):
+                    t_logits = ensemble(x)
+                x_prev = x
             with student_rec if student_rec is not None else nullcontext():
                 s_logits = student(x)
             per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature, cfg.kl_reduction)

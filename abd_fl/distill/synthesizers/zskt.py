@@ -80,6 +80,7 @@ class ZSKTSynthesizer(Synthesizer):
             if self.cosine and total is not None else None
         )
         self._round_z: torch.Tensor | None = None
+        self._round_images: torch.Tensor | None = None
         self.z_draws = 0
 
     def _z(self, n: int) -> torch.Tensor:
@@ -97,6 +98,7 @@ class ZSKTSynthesizer(Synthesizer):
         self.student.train(self.student_bn == "train")
         z = self._z(self.batch_size)
         self._round_z = z if self.z_reuse else None
+        self._round_images = None  # the updated generator's images of z, made once on the first sample()
         x = self.generator(z)
         disagreement = kd_kl_per_sample(self.student(x), self.ensemble(x), self.temperature, self.kl_reduction).mean()
         loss = self._add_defense_term(-disagreement, x)
@@ -120,7 +122,15 @@ class ZSKTSynthesizer(Synthesizer):
 
         With ``z_reuse`` and ``batch_size`` equal to the round's, the images come from the
         z of the last generator step (the reference's repeated batch); otherwise fresh z.
+        The generator does not change between a round's student steps and a train-mode
+        forward of the same z gives the same images, so they are computed once per round
+        and the same tensor is returned to every student step of that round (read-only:
+        callers must not modify it in place). The reference regenerates them per step; only
+        the generator's unused BN running statistics differ.
         """
         self.generator.train()
-        z = self._round_z if self._round_z is not None and self._round_z.shape[0] == batch_size else self._z(batch_size)
-        return self.generator(z).detach()
+        if self._round_z is not None and self._round_z.shape[0] == batch_size:
+            if self._round_images is None:
+                self._round_images = self.generator(self._round_z).detach()
+            return self._round_images
+        return self.generator(self._z(batch_size)).detach()
