@@ -52,6 +52,10 @@ POINTS: dict[str, list[str]] = {
     "abd": ["defense=abd"],
     "abd_bw": ["defense=abd", f"{P}.generator_norm=batch", f"{P}.weights=paper"],
     "abd_bnbatch": ["defense=abd", f"{P}.sr_config.bn_mode=batch"],  # SR without updating BN running statistics
+    # ours (defense=abd_ti): targeted retrospection + purified teacher inputs + class balance, and its parts
+    "abd_ti": ["defense=abd_ti"],
+    "balance_only": ["defense=abd_ti", f"{P}.inversion=off"],  # the class-balance term alone: the fair control
+    "ti_only": ["defense=abd_ti", f"{P}.class_balance=0.0"],  # targeted retrospection without class balance
 }
 TARGET = 0  # the configs' attack.target_label
 
@@ -68,11 +72,23 @@ def flag_rates(run_dir: Path) -> dict[str, float | None]:
             flagged_rest = sum(c["samples"] * (c["flag_rate"] or 0.0) for c in rest)
             n_tgt = sum(c["samples"] for c in tgt)
             return {
+                **inversion_info(metrics),
                 "flag_target": tgt[0]["flag_rate"] if tgt else None,
                 "flag_other": flagged_rest / n_rest if n_rest else None,
                 "target_share": n_tgt / (n_tgt + n_rest) if n_tgt + n_rest else None,
                 "flagged_share": m["defense"].get("flagged_share"),
             }
+    return inversion_info(metrics)
+
+
+def inversion_info(metrics: list[dict]) -> dict:
+    """The targeted retrospection's outcome (defense=abd_ti): suspected class, size ratio, mask pixels."""
+    for m in metrics:
+        inv = (m.get("defense") or {}).get("inversion")
+        if inv:
+            best = min(inv["classes"], key=lambda c: c["pixels"] if c["pixels"] else 1e9)
+            return {"suspect": inv["suspect"], "ratio": inv["ratio"], "mask_pixels": len(inv.get("mask") or []),
+                    "smallest_pixels": best["pixels"]}
     return {}
 
 

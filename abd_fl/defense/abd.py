@@ -37,6 +37,23 @@ The defaults follow the reference's runs (illidanlab/ABD; DESIGN.md Sec. 4; the 
   ROC AUC). ``downweight_suspicious`` multiplies the ensemble weight of vaccinated teachers.
 - **Flag rate**: the share of generator samples that the vaccine flags, per iteration, and
   per teacher-predicted class over the run, in the report (``metrics.jsonl``).
+
+Our additions (off by default; on in ``defense=abd_ti``, README "Design"):
+
+- **Targeted retrospection** (``inversion="on"``): at ``inversion_at`` of the iterations the
+  student's backdoor is synthesised as a mask and pattern per class on the last
+  ``inversion_batches`` synthetic batches (:mod:`abd_fl.defense.inversion`); a class whose
+  pruned mask is at most ``inversion_max_ratio`` x the median class's is the suspected
+  target. Found: from then on every teacher sees its inputs *purified* (the mask's pixels
+  replaced by ``purify_fill``), so neither the generator nor the KD targets can use the
+  trigger, and the student, still fed the raw samples, learns to ignore it. Not found:
+  nothing is switched on. Each teacher's flip rate under the trigger is its suspicion score.
+- **Class balance** (``class_balance`` > 0): the generator's loss gets
+  ``coef * sum_c pbar_c log pbar_c`` (minus the entropy of the teachers' mean prediction over
+  the batch; DAFL's information-entropy term, Chen et al., ICCV 2019). On the 8x8 digits the
+  ZSKT generator reaches the target class almost only through the trigger (a clean teacher's
+  final generator: 2 of 1,024 samples labelled 0), so suppressing the trigger alone starves
+  that class; the term makes the generator synthesise every class.
 """
 
 from __future__ import annotations
@@ -49,6 +66,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from abd_fl.defense.inversion import InvertedTrigger, purify, scan_classes, suspect_class, trigger_flip_rate
 from abd_fl.defense.retrospection import SRConfig, add_sr_gradient
 from abd_fl.defense.vaccine import (
     MASK_MODES,
@@ -71,7 +89,9 @@ SEARCH_MODES = ("off", "verify")
 SURROGATE_MODES = ("window", "first", "latest")
 WEIGHT_MODES = ("auto", "paper", "reference", "off")
 SR_SCHEDULES = ("cosine", "constant")
-DEFENSE_NAMES = ("none", "abd", "sv", "sr")
+INVERSION_MODES = ("off", "on")
+PURIFY_FILLS = ("zero", "mean")
+DEFENSE_NAMES = ("none", "abd", "sv", "sr", "abd_ti")
 
 
 def _is_int(value: Any) -> bool:
@@ -112,22 +132,33 @@ class ABDConfig:
     sr_schedule: str = "cosine"
     sr_every: int = 1
     sr_config: SRConfig = field(default_factory=SRConfig)
+    class_balance: float = 0.0
+    inversion: str = "off"
+    inversion_at: float = 0.3
+    inversion_batches: int = 8
+    inversion_steps: int = 300
+    inversion_keep: float = 0.8
+    inversion_max_ratio: float = 0.5
+    inversion_min_flip: float = 0.5
+    purify_fill: str = "zero"
     seed: int = 0
 
     def __post_init__(self) -> None:
         choices = {
             "sr": SR_MODES, "search": SEARCH_MODES, "surrogate": SURROGATE_MODES, "weights": WEIGHT_MODES,
             "sr_schedule": SR_SCHEDULES, "verify_rule": VERIFY_RULES, "mask": MASK_MODES, "generator_kl": ("mean", "sum"),
-            "generator_norm": REGULARIZER_NORMS,
+            "generator_norm": REGULARIZER_NORMS, "inversion": INVERSION_MODES, "purify_fill": PURIFY_FILLS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown defense.{name} '{getattr(self, name)}'; choose one of: {', '.join(allowed)}")
-        for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor", "class_threshold"):
+        for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor", "class_threshold",
+                     "inversion_at", "inversion_keep", "inversion_max_ratio", "inversion_min_flip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
                 raise ValueError(f"defense.{name} must be in [0, 1], got {value!r}")
-        for name in ("surrogate_batches", "num_layers", "num_shuffles", "max_tries", "sr_every", "surrogate_stop", "min_tail"):
+        for name in ("surrogate_batches", "num_layers", "num_shuffles", "max_tries", "sr_every", "surrogate_stop", "min_tail",
+                     "inversion_batches", "inversion_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"defense.{name} must be an integer >= 1, got {value!r}")
@@ -139,11 +170,15 @@ class ABDConfig:
             raise ValueError(f"defense.sr_steps must be null or an integer >= 1, got {self.sr_steps!r}")
         if not (isinstance(self.sr_lr, (int, float)) and math.isfinite(self.sr_lr) and self.sr_lr > 0):
             raise ValueError(f"defense.sr_lr must be a finite number > 0, got {self.sr_lr!r}")
+        cb = self.class_balance
+        if isinstance(cb, bool) or not isinstance(cb, (int, float)) or not math.isfinite(cb) or cb < 0:
+            raise ValueError(f"defense.class_balance must be a finite number >= 0, got {cb!r}")
 
 
 def abd_config_for(name: str, **overrides: Any) -> ABDConfig | None:
     """The config of a named defense variant: ``abd`` (SV + SR), ``sv`` (SV only), ``sr``
-    (SR only, always on), ``none`` (None)."""
+    (SR only, always on), ``abd_ti`` (the config's settings as given: its preset
+    ``configs/defense/abd_ti.yaml`` sets targeted retrospection and class balance), ``none`` (None)."""
     if name not in DEFENSE_NAMES:
         raise ValueError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSE_NAMES)}")
     if name == "none":
@@ -179,12 +214,20 @@ class ABDDefense(NullDefense):
         self._class_flagged: torch.Tensor | None = None
         self._class_seen: torch.Tensor | None = None
         self._weights_mode = self.cfg.weights
+        self._recent: list[torch.Tensor] = []
+        self._inversion_at = -1
+        self._inverted = False
+        self._trigger: InvertedTrigger | None = None
+        self._fill: torch.Tensor | None = None
+        self._inversion_report: dict[str, Any] | None = None
         self.ctx: DistillContext | None = None
 
     # ---- set-up and the vaccine search ---------------------------------------------
     def on_distill_start(self, ctx: DistillContext) -> None:
         self.ctx = ctx
         cfg = self.cfg
+        if cfg.inversion == "on":
+            self._inversion_at = max(1, min(ctx.total_iterations - 1, math.ceil(cfg.inversion_at * ctx.total_iterations)))
         if cfg.weights == "auto":
             self._weights_mode = "reference" if ctx.fixed_inputs else "off"
         total = ctx.total_iterations
@@ -219,6 +262,8 @@ class ABDDefense(NullDefense):
 
     def on_iteration(self, iteration: int) -> None:
         self._iteration = iteration
+        if self.ctx is not None and iteration == self._inversion_at and not self._inverted:
+            self._retrospect()
         if self.ctx is None or iteration < self._search_at:
             return
         if not self._searched:
@@ -283,6 +328,65 @@ class ABDDefense(NullDefense):
             v.tries = [{"try": 0, "seed": v.shuffled.seed, **s}]
         self._cache, self._counts = [], []
 
+    def _remember(self, x: torch.Tensor) -> None:
+        """Keep the last ``inversion_batches`` distinct synthetic batches (the inversion's samples)."""
+        if self._inverted or self.cfg.inversion != "on":
+            return
+        if self._recent and self._recent[-1].shape == x.shape and torch.equal(self._recent[-1], x):
+            return
+        self._recent.append(x.detach())
+        del self._recent[: -self.cfg.inversion_batches]
+
+    def _retrospect(self) -> None:
+        """Targeted retrospection: scan every class of the student for a trigger; purify the
+        teachers' inputs with the suspected one (see the module doc)."""
+        assert self.ctx is not None
+        cfg, ctx = self.cfg, self.ctx
+        self._inverted = True
+        if not self._recent:
+            self._recent = [ctx.sample_surrogate().detach()]
+        samples = torch.cat(self._recent).to(ctx.device)
+        self._recent = []
+        student = ctx.student
+        modes = [(m, m.training) for m in student.modules()]
+        student.eval()
+        requires = [(p, p.requires_grad) for p in student.parameters()]
+        for p, _ in requires:
+            p.requires_grad_(False)
+        try:
+            with torch.no_grad():
+                num_classes = int(student(samples[:1]).shape[1])
+            scans = scan_classes(student, samples, range(num_classes), keep=cfg.inversion_keep, seed=cfg.seed,
+                                 steps=cfg.inversion_steps)
+            trigger, ratio = suspect_class(scans, cfg.inversion_max_ratio, cfg.inversion_min_flip)
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag in requires:
+                p.requires_grad_(flag)
+        report: dict[str, Any] = {
+            "iteration": self._iteration, "samples": int(samples.shape[0]),
+            "ratio": ratio if math.isfinite(ratio) else None,
+            "classes": [t.summary() for t in scans], "suspect": None,
+        }
+        if trigger is not None:
+            self._trigger = trigger
+            self._fill = torch.zeros(()) if cfg.purify_fill == "zero" else samples.mean(0, keepdim=True)
+            report["suspect"] = trigger.target
+            report["mask"] = trigger.mask[0, 0].nonzero().tolist()
+            report["teacher_flip"] = [trigger_flip_rate(t, samples, trigger) for t in ctx.teachers]
+            log.info("ABD: student trigger for class %d (%d pixels, ratio %.2f): teachers' inputs purified from iteration %d",
+                     trigger.target, trigger.pixels, ratio, self._iteration)
+        else:
+            log.info("ABD: no student trigger found (ratio %.2f > %.2f): nothing switched on", ratio, cfg.inversion_max_ratio)
+        self._inversion_report = report
+
+    def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the teachers see of ``x``: purified once a trigger is found, else ``x``."""
+        if self._trigger is None:
+            return x
+        return purify(x, self._trigger.mask, self._fill if self._fill is not None else 0.0)
+
     def _decide_sr(self) -> None:
         found_any = any(v is not None and v.found for v in self._vaccines)
         sr_on = self.cfg.sr == "on" or (self.cfg.sr == "auto" and not found_any)
@@ -304,9 +408,23 @@ class ABDDefense(NullDefense):
         return [(t, v.shuffled) for t, v in zip(self.ctx.teachers, self._vaccines) if v is not None and v.found and v.shuffled is not None]
 
     # ---- the hooks -------------------------------------------------------------------
+    def _balance_term(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``coef * sum_c pbar_c log pbar_c`` over the teachers' mean prediction on ``x``."""
+        if self.cfg.class_balance <= 0 or self.ctx is None:
+            return None
+        mean = torch.softmax(self.ctx.ensemble(x), dim=1).mean(0)
+        return self.cfg.class_balance * (mean * mean.clamp_min(1e-12).log()).sum()
+
     def generator_loss_term(self, x: torch.Tensor) -> torch.Tensor | None:
         if self._caching():
             self._cache_batch(x)
+        balance = self._balance_term(x)
+        sv = self._sv_term(x)
+        if sv is None or balance is None:
+            return sv if balance is None else balance
+        return sv + balance
+
+    def _sv_term(self, x: torch.Tensor) -> torch.Tensor | None:
         active = self._active()
         if not active:
             return None
@@ -343,6 +461,7 @@ class ABDDefense(NullDefense):
     def kd_sample_weights(self, x: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor | None:
         if self._caching():
             self._cache_batch(x)
+        self._remember(x)
         if not self._searched:
             if self.cfg.surrogate == "latest" or (self.cfg.surrogate == "first" and len(self._cache) < self.cfg.surrogate_batches):
                 self._cache.append(x.detach())
@@ -375,6 +494,7 @@ class ABDDefense(NullDefense):
             return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
         teachers = []
+        flips = (self._inversion_report or {}).get("teacher_flip")
         for v in self._vaccines:
             if v is None:
                 teachers.append({"searched": False})
@@ -384,6 +504,11 @@ class ABDDefense(NullDefense):
                     "mean_score": num(v.mean_score), "tries": len(v.tries),
                     "tail_class_share": num(v.tail_class_share), "tail_class": v.tail_class,
                 })
+        if self.ctx is not None and self.cfg.inversion == "on":
+            if not teachers:
+                teachers = [{"searched": False} for _ in self.ctx.teachers]
+            for i, t in enumerate(teachers):  # the student trigger's flip rate on each teacher (0 when none was found)
+                t["trigger_flip"] = float(flips[i]) if flips else (0.0 if self._inverted else None)
         sr = self._sr_logs
         per_class = None
         if self._class_seen is not None:
@@ -403,4 +528,5 @@ class ABDDefense(NullDefense):
             "flagged_share": float(sum(self._flag_rate) / len(self._flag_rate)) if self._flag_rate else None,
             "flag_rate_per_iteration": self._flag_iter,
             "flag_rate_per_class": per_class,
+            "inversion": self._inversion_report,
         }

@@ -14,6 +14,12 @@ passes it in. Three hook points, one per place the ABD paper acts (Sec. 4):
    optimizer at ``late_phase_lr`` when the late phase begins. ``late_phase_fraction`` is
    read every iteration, so a defense may switch the late phase on or off as it learns
    (Algorithm 2 decides on SR only after the vaccine search).
+
+One optional hook, looked up with ``getattr`` (a defense without it is still a
+:class:`DistillDefense`): ``teacher_input(x) -> x'``, what the teachers see of every input
+(the generator's step and the KD targets alike; the student still sees ``x``). The loop
+installs it as a forward pre-hook on the teacher ensemble for the run; ABD's targeted
+retrospection uses it to purify a found trigger's pixels.
 """
 
 from __future__ import annotations
@@ -94,6 +100,9 @@ class NullDefense:
 
     def add_student_gradient(self, student: nn.Module, x: torch.Tensor) -> None:
         return None
+
+    def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def report(self) -> dict[str, Any]:
         return {}

@@ -120,102 +120,111 @@ def distill(
         defense_time += time.perf_counter() - t0
         return term
 
-    synthesizer.setup(
-        ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed, total_iterations=cfg.iterations
-    )
-    start = time.perf_counter()
-    if defense is not None:
-        t0 = time.perf_counter()
-        defense.on_distill_start(
-            DistillContext(
-                teachers=list(ensemble.teachers),
-                ensemble=ensemble,
-                student=student,
-                device=device,
-                total_iterations=cfg.iterations,
-                sample_surrogate=lambda: synthesizer.sample(cfg.batch_size),
-                fixed_inputs=bool(getattr(synthesizer, "fixed_inputs", False)),
-                student_steps=cfg.student_steps,
-            )
+    # the optional hook: what the teachers see of every input (identity unless the defense purifies)
+    teacher_input = getattr(defense, "teacher_input", None)
+    hook = ensemble.register_forward_pre_hook(
+        lambda _module, args: (teacher_input(args[0]), *args[1:])
+    ) if callable(teacher_input) else None
+    try:
+        synthesizer.setup(
+            ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed, total_iterations=cfg.iterations
         )
-        defense_time += time.perf_counter() - t0
-
-    total_steps = max(1, cfg.iterations * cfg.student_steps)
-    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cfg.cosine else None
-    late_started = False
-    history: list[dict[str, float]] = []
-    use_at = cfg.attention_beta > 0
-    student_rec = StageRecorder(student) if use_at else None
-    teacher_recs = [StageRecorder(t) for t in ensemble.teachers] if use_at else []
-    for it in range(cfg.iterations):
+        start = time.perf_counter()
         if defense is not None:
             t0 = time.perf_counter()
-            defense.on_iteration(it)
-            defense_time += time.perf_counter() - t0
-        in_late_phase = defense is not None and it >= _late_start(defense, cfg.iterations)
-        if in_late_phase and not late_started:
-            late_started = True
-            if defense.late_phase_lr is not None:  # a fresh student optimizer at a small lr (ABD's SR)
-                optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
-                late_steps = (cfg.iterations - it) * cfg.student_steps
-                scheduler = (
-                    torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, late_steps))
-                    if getattr(defense, "late_phase_schedule", "constant") == "cosine" else None
+            defense.on_distill_start(
+                DistillContext(
+                    teachers=list(ensemble.teachers),
+                    ensemble=ensemble,
+                    student=student,
+                    device=device,
+                    total_iterations=cfg.iterations,
+                    sample_surrogate=lambda: synthesizer.sample(cfg.batch_size),
+                    fixed_inputs=bool(getattr(synthesizer, "fixed_inputs", False)),
+                    student_steps=cfg.student_steps,
                 )
-        logs = synthesizer.generator_round(it)
-        kd_total, at_total = 0.0, 0.0
-        x_prev: torch.Tensor | None = None
-        for _ in range(cfg.student_steps):
-            x = synthesizer.sample(cfg.batch_size)
-            if x is not x_prev or use_at:  # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once
-                with torch.no_grad(), recording(teacher_recs):
-                    t_logits = ensemble(x)
-                x_prev = x
-            with student_rec if student_rec is not None else nullcontext():
-                s_logits = student(x)
-            per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature, cfg.kl_reduction)
-            weights = None
+            )
+            defense_time += time.perf_counter() - t0
+
+        total_steps = max(1, cfg.iterations * cfg.student_steps)
+        optimizer = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps) if cfg.cosine else None
+        late_started = False
+        history: list[dict[str, float]] = []
+        use_at = cfg.attention_beta > 0
+        student_rec = StageRecorder(student) if use_at else None
+        teacher_recs = [StageRecorder(t) for t in ensemble.teachers] if use_at else []
+        for it in range(cfg.iterations):
             if defense is not None:
                 t0 = time.perf_counter()
-                weights = defense.kd_sample_weights(x, t_logits)
+                defense.on_iteration(it)
                 defense_time += time.perf_counter() - t0
-            loss = per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()
-            kd_value = float(loss.detach())
-            if student_rec is not None:  # + beta * AT, scaled by the same per-sample weights
-                at = attention_transfer_per_sample(
-                    student_rec.take(), [r.take() for r in teacher_recs], ensemble.weights
-                )
-                at_total += float(at.detach().mean())
-                at = at if weights is None else weights.to(at) * at
-                loss = loss + cfg.attention_beta * at.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if in_late_phase:
-                t0 = time.perf_counter()
-                defense.add_student_gradient(student, x)
-                defense_time += time.perf_counter() - t0
-            elif cfg.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            kd_total += kd_value
-        logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase),
-                "student_lr": float(optimizer.param_groups[0]["lr"])}
-        if use_at:
-            logs["at_loss"] = at_total / cfg.student_steps
-        if cfg.log_every and (it % cfg.log_every == 0 or it == cfg.iterations - 1):
-            history.append({"iteration": float(it), **logs})
-        if progress is not None:
-            progress(it, logs)
-    close = getattr(synthesizer, "close", None)
-    if callable(close):
-        close()
-    student.eval()
-    return DistillResult(
-        wall_s=time.perf_counter() - start,
-        defense_s=defense_time,
-        history=history,
-        defense_report=defense.report() if defense is not None else {},
-    )
+            in_late_phase = defense is not None and it >= _late_start(defense, cfg.iterations)
+            if in_late_phase and not late_started:
+                late_started = True
+                if defense.late_phase_lr is not None:  # a fresh student optimizer at a small lr (ABD's SR)
+                    optimizer = torch.optim.Adam(student.parameters(), lr=defense.late_phase_lr)
+                    late_steps = (cfg.iterations - it) * cfg.student_steps
+                    scheduler = (
+                        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, late_steps))
+                        if getattr(defense, "late_phase_schedule", "constant") == "cosine" else None
+                    )
+            logs = synthesizer.generator_round(it)
+            kd_total, at_total = 0.0, 0.0
+            x_prev: torch.Tensor | None = None
+            for _ in range(cfg.student_steps):
+                x = synthesizer.sample(cfg.batch_size)
+                if x is not x_prev or use_at:  # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once
+                    with torch.no_grad(), recording(teacher_recs):
+                        t_logits = ensemble(x)
+                    x_prev = x
+                with student_rec if student_rec is not None else nullcontext():
+                    s_logits = student(x)
+                per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature, cfg.kl_reduction)
+                weights = None
+                if defense is not None:
+                    t0 = time.perf_counter()
+                    weights = defense.kd_sample_weights(x, t_logits)
+                    defense_time += time.perf_counter() - t0
+                loss = per_sample.mean() if weights is None else (weights.to(per_sample) * per_sample).mean()
+                kd_value = float(loss.detach())
+                if student_rec is not None:  # + beta * AT, scaled by the same per-sample weights
+                    at = attention_transfer_per_sample(
+                        student_rec.take(), [r.take() for r in teacher_recs], ensemble.weights
+                    )
+                    at_total += float(at.detach().mean())
+                    at = at if weights is None else weights.to(at) * at
+                    loss = loss + cfg.attention_beta * at.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if in_late_phase:
+                    t0 = time.perf_counter()
+                    defense.add_student_gradient(student, x)
+                    defense_time += time.perf_counter() - t0
+                elif cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad_norm)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                kd_total += kd_value
+            logs = {**logs, "kd_loss": kd_total / cfg.student_steps, "late_phase": float(in_late_phase),
+                    "student_lr": float(optimizer.param_groups[0]["lr"])}
+            if use_at:
+                logs["at_loss"] = at_total / cfg.student_steps
+            if cfg.log_every and (it % cfg.log_every == 0 or it == cfg.iterations - 1):
+                history.append({"iteration": float(it), **logs})
+            if progress is not None:
+                progress(it, logs)
+        close = getattr(synthesizer, "close", None)
+        if callable(close):
+            close()
+        student.eval()
+        return DistillResult(
+            wall_s=time.perf_counter() - start,
+            defense_s=defense_time,
+            history=history,
+            defense_report=defense.report() if defense is not None else {},
+        )
+    finally:
+        if hook is not None:
+            hook.remove()

@@ -1,0 +1,202 @@
+"""Targeted retrospection (``abd_fl.defense.inversion``) and ``defense=abd_ti``: the trigger is
+found where it was planted, the data-free decision, purified teacher inputs through the real
+loop, the class-balance term, and nothing switched on without a backdoor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from abd_fl.defense import ABDConfig, ABDDefense
+from abd_fl.defense.inversion import (
+    InvertedTrigger,
+    invert_trigger,
+    prune_mask,
+    purify,
+    scan_classes,
+    suspect_class,
+    trigger_flip_rate,
+)
+from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
+from abd_fl.distill.hooks import DistillContext, NullDefense
+from abd_fl.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PATCH = (slice(5, 7), slice(5, 7))  # a 2x2 patch one pixel from the bottom-right corner of 8x8
+
+
+class Planted(nn.Module):
+    """A fixed random linear classifier over 8x8 pixels with a planted backdoor: any bright
+    pixel of the 2x2 patch at ``PATCH`` adds a large logit to ``target`` (``backdoor=False``:
+    none). A natural class takes ~4-8 changed pixels, the backdoor one."""
+
+    def __init__(self, target: int = 0, backdoor: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(10, 64, generator=g) * 0.15, requires_grad=False)
+        self.target, self.backdoor = target, backdoor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = (x.flatten(1) - 0.5) @ self.weight.t()
+        if self.backdoor:
+            patch = x[:, :, PATCH[0], PATCH[1]].amax((1, 2, 3))
+            bonus = 40 * torch.sigmoid(40 * (patch - 0.95))
+            logits = logits + bonus[:, None] * nn.functional.one_hot(torch.tensor(self.target), 10).to(x)
+        return logits
+
+
+def _samples(n: int = 512, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _patch_mask() -> torch.Tensor:
+    m = torch.zeros(1, 1, 8, 8)
+    m[0, 0, PATCH[0], PATCH[1]] = 1
+    return m
+
+
+def test_the_inverted_and_pruned_trigger_lies_in_the_planted_patch() -> None:
+    model, x = Planted(target=3), _samples()
+    trig = invert_trigger(model, x, 3, steps=200, seed=0)
+    assert trig.flip >= 0.9
+    pruned = prune_mask(model, x, trig)
+    assert pruned.mask.shape == (1, 1, 8, 8) and set(pruned.mask.unique().tolist()) <= {0.0, 1.0}
+    assert pruned.pixels == 1 and bool((pruned.mask <= _patch_mask()).all())  # one patch pixel is the trigger
+    assert pruned.pruned_flip >= 0.8 * 0.9
+    assert trigger_flip_rate(model, x, pruned) == pytest.approx(pruned.pruned_flip)
+    assert trigger_flip_rate(Planted(target=3, backdoor=False), x, pruned) < 0.2  # a model without the backdoor
+
+
+def test_the_scan_suspects_the_planted_class_and_nothing_without_a_backdoor() -> None:
+    x = _samples()
+    scans = scan_classes(Planted(target=3), x, range(10), steps=150)
+    found, ratio = suspect_class(scans, max_ratio=0.5)
+    assert found is not None and found.target == 3 and ratio <= 0.5
+    clean_scans = scan_classes(Planted(backdoor=False), x, range(10), steps=150)
+    none, clean_ratio = suspect_class(clean_scans, max_ratio=0.5)
+    assert none is None and clean_ratio > 0.5
+
+
+def _trig(target: int, pixels: int, flip: float = 0.9) -> InvertedTrigger:
+    return InvertedTrigger(target, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), 0.0, flip, pixels, flip)
+
+
+def test_the_decision_rule_compares_the_smallest_mask_with_the_median_class() -> None:
+    found, ratio = suspect_class([_trig(c, p) for c, p in enumerate([3, 10, 12, 9, 11, 8, 14, 10, 9, 12])])
+    assert found is not None and found.target == 0 and ratio == pytest.approx(3 / 10)
+    none, ratio = suspect_class([_trig(c, p) for c, p in enumerate([7, 10, 12, 9, 11, 8, 14, 10, 9, 12])])
+    assert none is None and ratio == pytest.approx(0.7)
+    # a small mask that flips too little does not count; classes no mask reaches count as unreachable
+    weak = [_trig(0, 2, flip=0.3)] + [_trig(c, 10) for c in range(1, 10)]
+    assert suspect_class(weak, min_flip=0.5) == (None, 1.0)
+    unreachable = [_trig(0, 3)] + [_trig(c, 0, flip=0.0) for c in range(1, 10)]
+    assert suspect_class(unreachable)[0].target == 0 and math.isinf(suspect_class(unreachable)[1]) is False
+    assert suspect_class([])[0] is None
+
+
+def test_purify_replaces_only_the_mask_pixels() -> None:
+    x = _samples(4)
+    out = purify(x, _patch_mask(), 0.0)
+    assert torch.equal(out[:, :, PATCH[0], PATCH[1]], torch.zeros(4, 1, 2, 2))
+    keep = _patch_mask() == 0
+    assert torch.equal(out[keep.expand_as(x)], x[keep.expand_as(x)])
+    fill = torch.full((1, 1, 8, 8), 0.25)
+    assert torch.allclose(purify(x, _patch_mask(), fill)[:, :, 5, 5], torch.full((4, 1), 0.25))
+
+
+def _ti_config(**kw) -> ABDConfig:
+    base = dict(use_sv=False, sr="off", inversion="on", inversion_at=0.5, inversion_batches=4, inversion_steps=150,
+                class_balance=0.0)
+    base.update(kw)
+    return ABDConfig(**base)
+
+
+def test_a_found_trigger_purifies_what_the_teachers_see_in_the_loop() -> None:
+    """A backdoored 'student' (the planted model, which the defense scans) and a teacher that
+    records its inputs: after the inversion iteration the teacher sees the patch blanked,
+    before it the raw samples; the student keeps seeing raw samples."""
+    seen: list[torch.Tensor] = []
+
+    class Recorder(Planted):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.detach().clone())
+            return super().forward(x)
+
+    planted = Planted(target=3)
+    student_inputs: list[torch.Tensor] = []
+
+    class FrozenStudent(nn.Module):  # the planted backdoor, plus one trainable scalar so the loop can step
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:  # the loop's KD steps (the inversion scans the student in eval mode)
+                student_inputs.append(x.detach())
+            return planted(x) * self.scale
+
+    defense = ABDDefense(_ti_config())
+    images = _samples(512)
+    images[::2, :, PATCH[0], PATCH[1]] = 1.0  # half the samples carry the trigger: the teacher's view shows the purification
+    result = distill([Recorder(target=3)], FrozenStudent(), FixedDataSynthesizer(images), defense=defense,
+                     config=DistillConfig(iterations=4, student_steps=1, batch_size=128, log_every=1))
+    inv = result.defense_report["inversion"]
+    assert inv["suspect"] == 3 and inv["iteration"] == 2 and inv["samples"] == 2 * 128  # the batches of iterations 0-1
+    assert set(map(tuple, inv["mask"])) <= {(5, 5), (5, 6), (6, 5), (6, 6)}
+    assert result.defense_report["teachers"][0]["trigger_flip"] > 0.5
+    (r, k), = inv["mask"]
+    assert float(seen[0][:, :, r, k].max()) == 1.0 and float(seen[-1][:, :, r, k].max()) == 0.0  # raw first, purified last
+    assert len(student_inputs) == 4 and all(float(s[:, :, r, k].max()) == 1.0 for s in student_inputs)  # raw x
+    # the hook is gone after the run: a direct call sees the raw input again
+    seen.clear()
+    from abd_fl.distill.ensemble import TeacherEnsemble
+
+    TeacherEnsemble([Recorder(target=3)])(images[:1])
+    assert float(seen[-1][0, 0, 5, 5]) == 1.0
+
+
+def test_without_a_backdoor_nothing_is_switched_on() -> None:
+    defense = ABDDefense(_ti_config(inversion_at=0.25))
+    clean = Planted(backdoor=False)
+    defense.on_distill_start(DistillContext(teachers=[clean], ensemble=clean, student=clean, device=torch.device("cpu"),
+                                            total_iterations=4, sample_surrogate=lambda: _samples(128)))
+    for it in range(4):
+        defense.on_iteration(it)
+        x = _samples(128, seed=10 + it)
+        defense.kd_sample_weights(x, clean(x))
+    report = defense.report()
+    assert report["inversion"]["suspect"] is None and report["teachers"][0]["trigger_flip"] == 0.0
+    x = _samples(8)
+    assert defense.teacher_input(x) is x
+
+
+def test_the_class_balance_term_is_minus_coef_times_the_entropy_of_the_mean_prediction() -> None:
+    teacher = build_model("cnn_small", 10, 1, (0.3,), (0.4,)).eval()
+    defense = ABDDefense(ABDConfig(use_sv=False, sr="off", class_balance=0.3))
+    defense.on_distill_start(DistillContext(teachers=[teacher], ensemble=teacher, student=teacher,
+                                            device=torch.device("cpu"), total_iterations=10,
+                                            sample_surrogate=lambda: _samples(16)))
+    x = _samples(32).requires_grad_(True)
+    term = defense.generator_loss_term(x)
+    p = torch.softmax(teacher(x), 1).mean(0)
+    assert float(term.detach()) == pytest.approx(-0.3 * float(-(p * p.log()).sum()), rel=1e-5)
+    term.backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0  # it trains the generator through the teacher
+    assert ABDDefense(ABDConfig(use_sv=False, sr="off")).generator_loss_term(x) is None  # off by default
+
+
+def test_the_null_defense_leaves_teacher_inputs_alone() -> None:
+    x = _samples(2)
+    assert NullDefense().teacher_input(x) is x
+
+
+@pytest.mark.parametrize("key,value", [("class_balance", -0.1), ("class_balance", float("nan")), ("inversion", "maybe"),
+                                       ("inversion_at", 1.5), ("inversion_steps", 0), ("purify_fill", "noise")])
+def test_bad_settings_fail_with_one_line(key: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"defense.{key}") as err:
+        ABDConfig(**{key: value})
+    assert "\n" not in str(err.value)
