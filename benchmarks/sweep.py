@@ -23,11 +23,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = ("malicious_teacher", "ensemble", "dfkd_student", "abd_student", "sv_student", "sr_student", "clean_kd_reference")
+ROLES = ("malicious_teacher", "benign_teachers", "ensemble", "dfkd_student", "abd_student", "abd_ti_student", "sv_student",
+         "sr_student", "clean_kd_reference")
 
 SETTINGS = {
     "central": [("badnets_square", ["experiment=central"])],
     "fl": [("badnets_square", [])],
+    # issue 12, 5(b): the FL default scenario with no malicious client (what ABD costs without an attacker)
+    "fl_clean": [("no_attacker", ["attack.num_malicious=0"])],
     "ablation": [
         (trigger, ["experiment=central", f"attack={trigger}", "defense.ablation=true"])
         for trigger in ("badnets_square", "badnets_grid")
@@ -139,11 +142,19 @@ def table(label: str, runs: list[dict]) -> str:
             lines.append(f"| {role} | {' | '.join(cells)} |")
     dets = [r["_detection"] for r in runs if "_detection" in r]
     if dets:
+        def auc_list(values: list) -> str:
+            return ", ".join("n/a" if a is None or a != a else f"{a:.2f}" for a in values)
+
         for arm in dets[0]:
-            aucs = [d[arm]["auc_tail_ratio"] for d in dets if arm in d]
-            found = [sum(d[arm]["vaccine_found"]) for d in dets if arm in d]
-            lines.append(f"\nPer-client detection ({arm}): ROC AUC of the tail ratio vs. ground truth: "
-                         f"{', '.join('n/a' if a is None else f'{a:.2f}' for a in aucs)}; vaccines found per run: {found}")
+            if "auc_tail_ratio" in dets[0][arm]:
+                aucs = [d[arm]["auc_tail_ratio"] for d in dets if arm in d]
+                found = [sum(d[arm]["vaccine_found"]) for d in dets if arm in d]
+                lines.append(f"\nPer-client detection ({arm}): ROC AUC of the tail ratio vs. ground truth: "
+                             f"{auc_list(aucs)}; vaccines found per run: {found}")
+            if "auc_trigger_flip" in dets[0][arm]:
+                aucs = [d[arm]["auc_trigger_flip"] for d in dets if arm in d]
+                lines.append(f"\nPer-client detection ({arm}): ROC AUC of the student trigger's flip rate per client "
+                             f"vs. ground truth: {auc_list(aucs)}")
     walls = [r["_wall_s"] for r in runs]
     lines.append(f"\nWall time per run: {statistics.mean(walls):.0f} s")
     return "\n".join(lines) + "\n"

@@ -159,6 +159,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                     "auc_neg_mean_score": suspicion_auc([-t["mean_score"] for t in teachers_report], malicious),
                     "auc_tail_class_share": suspicion_auc(shares, malicious),
                 }
+            flips = [t.get("trigger_flip") for t in teachers_report]
+            if teachers_report and all(f is not None for f in flips):  # defense=abd_ti: the student trigger's flip rate per teacher
+                detection.setdefault(arm, {}).update({"trigger_flip": flips, "auc_trigger_flip": suspicion_auc(flips, malicious)})
         record = {
             "round": outcome.server_round,
             **metrics,

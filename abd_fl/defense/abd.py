@@ -40,14 +40,16 @@ The defaults follow the reference's runs (illidanlab/ABD; DESIGN.md Sec. 4; the 
 
 Our additions (off by default; on in ``defense=abd_ti``, README "Design"):
 
-- **Targeted retrospection** (``inversion="on"``): at ``inversion_at`` of the iterations the
-  student's backdoor is synthesised as a mask and pattern per class on the last
-  ``inversion_batches`` synthetic batches (:mod:`abd_fl.defense.inversion`); a class whose
-  pruned mask is at most ``inversion_max_ratio`` x the median class's is the suspected
-  target. Found: from then on every teacher sees its inputs *purified* (the mask's pixels
-  replaced by ``purify_fill``), so neither the generator nor the KD targets can use the
-  trigger, and the student, still fed the raw samples, learns to ignore it. Not found:
-  nothing is switched on. Each teacher's flip rate under the trigger is its suspicion score.
+- **Targeted retrospection** (``inversion="on"``): at each share ``inversion_at`` of the
+  iterations the student's backdoor is synthesised as a mask and pattern per class on the
+  last ``inversion_batches`` synthetic batches (:mod:`abd_fl.defense.inversion`); the class
+  that a mask of ``inversion_budget`` of the pixels flips most is the suspected target when
+  it flips at least ``inversion_min_flip`` of the samples and ``inversion_min_ratio`` x the
+  median class. Found: from then on every teacher sees its inputs *purified* (the pruned
+  mask's pixels in-painted, ``purify_fill``; masks of later finds are added), so neither the
+  generator nor the KD targets can use the trigger, and the student, still fed the raw
+  samples, learns to ignore it. Not found: nothing is switched on. Each teacher's flip rate
+  under the found trigger is its suspicion score.
 - **Class balance** (``class_balance`` > 0): the generator's loss gets
   ``coef * sum_c pbar_c log pbar_c`` (minus the entropy of the teachers' mean prediction over
   the batch; DAFL's information-entropy term, Chen et al., ICCV 2019). On the 8x8 digits the
@@ -90,7 +92,7 @@ SURROGATE_MODES = ("window", "first", "latest")
 WEIGHT_MODES = ("auto", "paper", "reference", "off")
 SR_SCHEDULES = ("cosine", "constant")
 INVERSION_MODES = ("off", "on")
-PURIFY_FILLS = ("zero", "mean")
+PURIFY_FILLS = ("inpaint", "zero", "mean")
 DEFENSE_NAMES = ("none", "abd", "sv", "sr", "abd_ti")
 
 
@@ -134,13 +136,15 @@ class ABDConfig:
     sr_config: SRConfig = field(default_factory=SRConfig)
     class_balance: float = 0.0
     inversion: str = "off"
-    inversion_at: float = 0.3
+    inversion_at: list[float] = field(default_factory=lambda: [0.3, 0.6])
     inversion_batches: int = 8
-    inversion_steps: int = 300
+    inversion_steps: int = 150
+    inversion_batch_size: int = 64
     inversion_keep: float = 0.8
-    inversion_max_ratio: float = 0.5
-    inversion_min_flip: float = 0.5
-    purify_fill: str = "zero"
+    inversion_budget: float = 0.0625
+    inversion_min_flip: float = 0.6
+    inversion_min_ratio: float = 2.0
+    purify_fill: str = "inpaint"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -153,12 +157,12 @@ class ABDConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown defense.{name} '{getattr(self, name)}'; choose one of: {', '.join(allowed)}")
         for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor", "class_threshold",
-                     "inversion_at", "inversion_keep", "inversion_max_ratio", "inversion_min_flip"):
+                     "inversion_keep", "inversion_budget", "inversion_min_flip"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
                 raise ValueError(f"defense.{name} must be in [0, 1], got {value!r}")
         for name in ("surrogate_batches", "num_layers", "num_shuffles", "max_tries", "sr_every", "surrogate_stop", "min_tail",
-                     "inversion_batches", "inversion_steps"):
+                     "inversion_batches", "inversion_steps", "inversion_batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"defense.{name} must be an integer >= 1, got {value!r}")
@@ -170,9 +174,16 @@ class ABDConfig:
             raise ValueError(f"defense.sr_steps must be null or an integer >= 1, got {self.sr_steps!r}")
         if not (isinstance(self.sr_lr, (int, float)) and math.isfinite(self.sr_lr) and self.sr_lr > 0):
             raise ValueError(f"defense.sr_lr must be a finite number > 0, got {self.sr_lr!r}")
-        cb = self.class_balance
-        if isinstance(cb, bool) or not isinstance(cb, (int, float)) or not math.isfinite(cb) or cb < 0:
-            raise ValueError(f"defense.class_balance must be a finite number >= 0, got {cb!r}")
+        for name in ("class_balance", "inversion_min_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"defense.{name} must be a finite number >= 0, got {v!r}")
+        at = self.inversion_at
+        at = [at] if isinstance(at, (int, float)) and not isinstance(at, bool) else at
+        if (not isinstance(at, (list, tuple)) or not at
+                or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a < 1 for a in at)):
+            raise ValueError(f"defense.inversion_at must be a list of fractions in (0, 1), got {self.inversion_at!r}")
+        self.inversion_at = sorted(float(a) for a in at)
 
 
 def abd_config_for(name: str, **overrides: Any) -> ABDConfig | None:
@@ -215,11 +226,12 @@ class ABDDefense(NullDefense):
         self._class_seen: torch.Tensor | None = None
         self._weights_mode = self.cfg.weights
         self._recent: list[torch.Tensor] = []
-        self._inversion_at = -1
-        self._inverted = False
-        self._trigger: InvertedTrigger | None = None
-        self._fill: torch.Tensor | None = None
-        self._inversion_report: dict[str, Any] | None = None
+        self._inversion_its: list[int] = []
+        self._triggers: list[InvertedTrigger] = []
+        self._purify_mask: torch.Tensor | None = None
+        self._fill: torch.Tensor | float | str = "inpaint"
+        self._scans: list[dict[str, Any]] = []
+        self._flips: list[float] | None = None
         self.ctx: DistillContext | None = None
 
     # ---- set-up and the vaccine search ---------------------------------------------
@@ -227,7 +239,8 @@ class ABDDefense(NullDefense):
         self.ctx = ctx
         cfg = self.cfg
         if cfg.inversion == "on":
-            self._inversion_at = max(1, min(ctx.total_iterations - 1, math.ceil(cfg.inversion_at * ctx.total_iterations)))
+            total = ctx.total_iterations
+            self._inversion_its = sorted({max(1, min(total - 1, math.ceil(a * total))) for a in cfg.inversion_at})
         if cfg.weights == "auto":
             self._weights_mode = "reference" if ctx.fixed_inputs else "off"
         total = ctx.total_iterations
@@ -262,7 +275,7 @@ class ABDDefense(NullDefense):
 
     def on_iteration(self, iteration: int) -> None:
         self._iteration = iteration
-        if self.ctx is not None and iteration == self._inversion_at and not self._inverted:
+        if self.ctx is not None and iteration in self._inversion_its:
             self._retrospect()
         if self.ctx is None or iteration < self._search_at:
             return
@@ -330,7 +343,7 @@ class ABDDefense(NullDefense):
 
     def _remember(self, x: torch.Tensor) -> None:
         """Keep the last ``inversion_batches`` distinct synthetic batches (the inversion's samples)."""
-        if self._inverted or self.cfg.inversion != "on":
+        if not self._inversion_its or self._iteration >= self._inversion_its[-1]:
             return
         if self._recent and self._recent[-1].shape == x.shape and torch.equal(self._recent[-1], x):
             return
@@ -338,54 +351,62 @@ class ABDDefense(NullDefense):
         del self._recent[: -self.cfg.inversion_batches]
 
     def _retrospect(self) -> None:
-        """Targeted retrospection: scan every class of the student for a trigger; purify the
-        teachers' inputs with the suspected one (see the module doc)."""
+        """Targeted retrospection: scan every class of the student for a trigger; a suspected
+        one's mask joins the purification mask of the teachers' inputs (see the module doc)."""
         assert self.ctx is not None
         cfg, ctx = self.cfg, self.ctx
-        self._inverted = True
         if not self._recent:
             self._recent = [ctx.sample_surrogate().detach()]
         samples = torch.cat(self._recent).to(ctx.device)
         self._recent = []
         student = ctx.student
         modes = [(m, m.training) for m in student.modules()]
-        student.eval()
         requires = [(p, p.requires_grad) for p in student.parameters()]
+        student.eval()
         for p, _ in requires:
             p.requires_grad_(False)
         try:
             with torch.no_grad():
                 num_classes = int(student(samples[:1]).shape[1])
-            scans = scan_classes(student, samples, range(num_classes), keep=cfg.inversion_keep, seed=cfg.seed,
-                                 steps=cfg.inversion_steps)
-            trigger, ratio = suspect_class(scans, cfg.inversion_max_ratio, cfg.inversion_min_flip)
+            budget = max(1, round(cfg.inversion_budget * samples.shape[-2] * samples.shape[-1]))
+            scans = scan_classes(student, samples, range(num_classes), keep=cfg.inversion_keep, budget=budget,
+                                 seed=cfg.seed + 7 * len(self._scans), steps=cfg.inversion_steps,
+                                 batch_size=cfg.inversion_batch_size)
+            trigger, ratio = suspect_class(scans, cfg.inversion_min_flip, cfg.inversion_min_ratio)
         finally:
             for m, training in modes:
                 m.training = training
             for p, flag in requires:
                 p.requires_grad_(flag)
-        report: dict[str, Any] = {
-            "iteration": self._iteration, "samples": int(samples.shape[0]),
-            "ratio": ratio if math.isfinite(ratio) else None,
-            "classes": [t.summary() for t in scans], "suspect": None,
+        scan: dict[str, Any] = {
+            "iteration": self._iteration, "samples": int(samples.shape[0]), "budget_pixels": budget,
+            "ratio": ratio if math.isfinite(ratio) else None, "classes": [t.summary() for t in scans], "suspect": None,
         }
         if trigger is not None:
-            self._trigger = trigger
-            self._fill = torch.zeros(()) if cfg.purify_fill == "zero" else samples.mean(0, keepdim=True)
-            report["suspect"] = trigger.target
-            report["mask"] = trigger.mask[0, 0].nonzero().tolist()
-            report["teacher_flip"] = [trigger_flip_rate(t, samples, trigger) for t in ctx.teachers]
-            log.info("ABD: student trigger for class %d (%d pixels, ratio %.2f): teachers' inputs purified from iteration %d",
-                     trigger.target, trigger.pixels, ratio, self._iteration)
+            self._triggers.append(trigger)
+            mask = trigger.mask.to(ctx.device)
+            self._purify_mask = mask if self._purify_mask is None else torch.maximum(self._purify_mask, mask)
+            if cfg.purify_fill == "zero":
+                self._fill = 0.0
+            elif cfg.purify_fill == "mean":
+                self._fill = samples.mean(0, keepdim=True)
+            scan["suspect"] = trigger.target
+            scan["mask"] = trigger.mask[0, 0].nonzero().tolist()
+            flips = [trigger_flip_rate(t, samples, trigger) for t in ctx.teachers]
+            self._flips = flips if self._flips is None else [max(a, b) for a, b in zip(self._flips, flips)]
+            scan["teacher_flip"] = flips
+            log.info("ABD: student trigger for class %d (%d pixels, %.2f x the median class): teachers' inputs "
+                     "purified from iteration %d", trigger.target, trigger.pixels, ratio, self._iteration)
         else:
-            log.info("ABD: no student trigger found (ratio %.2f > %.2f): nothing switched on", ratio, cfg.inversion_max_ratio)
-        self._inversion_report = report
+            log.info("ABD: no student trigger at iteration %d (best class %.2f x the median): nothing switched on",
+                     self._iteration, ratio)
+        self._scans.append(scan)
 
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
         """What the teachers see of ``x``: purified once a trigger is found, else ``x``."""
-        if self._trigger is None:
+        if self._purify_mask is None:
             return x
-        return purify(x, self._trigger.mask, self._fill if self._fill is not None else 0.0)
+        return purify(x, self._purify_mask, self._fill)
 
     def _decide_sr(self) -> None:
         found_any = any(v is not None and v.found for v in self._vaccines)
@@ -494,7 +515,7 @@ class ABDDefense(NullDefense):
             return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
         teachers = []
-        flips = (self._inversion_report or {}).get("teacher_flip")
+        flips = self._flips
         for v in self._vaccines:
             if v is None:
                 teachers.append({"searched": False})
@@ -508,7 +529,7 @@ class ABDDefense(NullDefense):
             if not teachers:
                 teachers = [{"searched": False} for _ in self.ctx.teachers]
             for i, t in enumerate(teachers):  # the student trigger's flip rate on each teacher (0 when none was found)
-                t["trigger_flip"] = float(flips[i]) if flips else (0.0 if self._inverted else None)
+                t["trigger_flip"] = float(flips[i]) if flips else (0.0 if self._scans else None)
         sr = self._sr_logs
         per_class = None
         if self._class_seen is not None:
@@ -528,5 +549,8 @@ class ABDDefense(NullDefense):
             "flagged_share": float(sum(self._flag_rate) / len(self._flag_rate)) if self._flag_rate else None,
             "flag_rate_per_iteration": self._flag_iter,
             "flag_rate_per_class": per_class,
-            "inversion": self._inversion_report,
+            "inversion": {
+                "scans": self._scans, "suspects": [t.target for t in self._triggers],
+                "purify_pixels": None if self._purify_mask is None else int(self._purify_mask.sum()),
+            } if self._scans else None,
         }

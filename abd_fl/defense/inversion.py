@@ -18,12 +18,12 @@ S&P 2019, here on synthetic samples: data-free).
   stays >= ``keep`` x the binarised mask's: the inversion's masks carry extra pixels
   (digit strokes) that purifying would erase from clean images.
 * :func:`scan_classes` -- :func:`invert_trigger` + :func:`prune_mask` for every class.
-* :func:`suspect_class` -- the data-free decision: the class whose pruned mask is
-  smallest, *if* it is at most ``max_ratio`` x the median class's pruned mask (a backdoor
-  target is reached with far fewer pixels than any natural class) and flips at least
-  ``min_flip``; else None (no backdoor found, nothing is switched on).
-* :func:`purify` -- ``x`` with the mask's pixels replaced by a fill value: what the
-  teachers see once a trigger is found (:mod:`abd_fl.defense.abd`).
+* :func:`suspect_class` -- the data-free decision: the class that a ``budget``-pixel mask
+  flips most, *if* it flips at least ``min_flip`` of the samples and ``min_ratio`` x the
+  median class's rate (a backdoor target is reached through a handful of pixels, a natural
+  class is not); else None (no backdoor found, nothing is switched on).
+* :func:`purify` -- ``x`` with the mask's pixels in-painted from their neighbours (or a
+  fill value): what the teachers see once a trigger is found (:mod:`abd_fl.defense.abd`).
 * :func:`trigger_flip_rate` -- the share of a model's non-``c`` surrogate samples that the
   trigger flips to ``c``: a per-teacher suspicion score (FL detection AUC).
 """
@@ -65,10 +65,15 @@ class InvertedTrigger:
     """Pixels of the pruned binary mask (0 before :func:`prune_mask`)."""
     pruned_flip: float = math.nan
     """Flip rate of the pruned binary mask."""
+    flip_at_budget: float = math.nan
+    """Flip rate of the ``budget``-pixel mask on the pruning path (see :func:`prune_mask`)."""
 
     def summary(self) -> dict[str, float | int]:
+        def num(v: float) -> float | None:
+            return None if math.isnan(v) else round(v, 4)
+
         return {"class": self.target, "l1": round(self.l1, 3), "flip": round(self.flip, 4), "pixels": self.pixels,
-                "pruned_flip": None if math.isnan(self.pruned_flip) else round(self.pruned_flip, 4)}
+                "pruned_flip": num(self.pruned_flip), "flip_at_budget": num(self.flip_at_budget)}
 
 
 def _apply(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
@@ -140,66 +145,88 @@ def invert_trigger(
 
 @torch.no_grad()
 def prune_mask(
-    model: nn.Module, samples: torch.Tensor, trigger: InvertedTrigger, keep: float = 0.8, threshold: float = 0.5
+    model: nn.Module, samples: torch.Tensor, trigger: InvertedTrigger, keep: float = 0.8, threshold: float = 0.5,
+    budget: int = 4,
 ) -> InvertedTrigger:
     """Binarise ``trigger.mask`` at ``threshold`` and drop pixels greedily (each round the
-    pixel whose removal keeps the highest flip rate) while the flip rate stays at least
-    ``keep`` x the binarised mask's. Returns the trigger with the binary mask, its pixel
-    count and flip rate (``pruned_flip``)."""
+    pixel whose removal keeps the highest flip rate) down to one pixel. Returns the trigger
+    with the smallest mask on that path whose flip rate is at least ``keep`` x the
+    binarised mask's (``pixels``, ``pruned_flip``), and the flip rate of the path's
+    ``budget``-pixel mask (``flip_at_budget``; the whole mask's when it has fewer pixels)."""
     source = _non_target(model, samples, trigger.target)
     mask = (trigger.mask > threshold).to(trigger.mask.dtype)
     full = _flip(model, source, trigger.target, mask, trigger.pattern)
-    while True:
+    chosen, chosen_rate = mask.clone(), full
+    at_budget = full
+    while int(mask.sum()) > 1:
         best: tuple[tuple[int, int], float] | None = None
         for r, k in mask[0, 0].nonzero().tolist():
             trial = mask.clone()
             trial[0, 0, r, k] = 0
             rate = _flip(model, source, trigger.target, trial, trigger.pattern)
-            if rate >= keep * full and (best is None or rate > best[1]):
+            if best is None or rate > best[1]:
                 best = ((r, k), rate)
-        if best is None:
-            break
+        assert best is not None
         mask[0, 0, best[0][0], best[0][1]] = 0
-    return InvertedTrigger(trigger.target, mask, trigger.pattern, trigger.l1, trigger.flip,
-                           pixels=int(mask.sum()), pruned_flip=_flip(model, source, trigger.target, mask, trigger.pattern))
+        if best[1] >= keep * full:
+            chosen, chosen_rate = mask.clone(), best[1]
+        if int(mask.sum()) == budget:
+            at_budget = best[1]
+        if best[1] < keep * full and int(mask.sum()) <= budget:
+            break
+    return InvertedTrigger(trigger.target, chosen, trigger.pattern, trigger.l1, trigger.flip,
+                           pixels=int(chosen.sum()), pruned_flip=chosen_rate, flip_at_budget=at_budget)
 
 
 def scan_classes(
-    model: nn.Module, samples: torch.Tensor, classes: Sequence[int], keep: float = 0.8, seed: int = 0, **invert_kwargs
+    model: nn.Module, samples: torch.Tensor, classes: Sequence[int], keep: float = 0.8, budget: int = 4, seed: int = 0,
+    **invert_kwargs,
 ) -> list[InvertedTrigger]:
     """:func:`invert_trigger` then :func:`prune_mask` for every class in ``classes``."""
     out = []
     for c in classes:
         trig = invert_trigger(model, samples, int(c), seed=seed * 1009 + int(c), **invert_kwargs)
-        out.append(prune_mask(model, samples, trig, keep=keep))
+        out.append(prune_mask(model, samples, trig, keep=keep, budget=budget))
     return out
 
 
 def suspect_class(
-    triggers: Sequence[InvertedTrigger], max_ratio: float = 0.5, min_flip: float = 0.5
+    triggers: Sequence[InvertedTrigger], min_flip: float = 0.6, min_ratio: float = 2.0
 ) -> tuple[InvertedTrigger | None, float]:
     """The data-free backdoor decision over a class scan (see module doc).
 
-    Returns ``(trigger, ratio)``: ``ratio`` is the smallest pruned mask's pixel count over
-    the median pixel count of the other classes (classes whose pruned mask flips less than
-    ``min_flip`` count as unreachable); the trigger is returned when ``ratio <= max_ratio``
-    and its pruned mask flips at least ``min_flip``, else None.
+    Each class is judged by ``flip_at_budget``, the share of samples its best few-pixel
+    mask flips (a backdoor target is reached through a handful of pixels, a natural class
+    is not). Returns ``(trigger, ratio)`` with ``ratio`` the highest rate over the median of
+    the other classes'; the trigger is returned when its rate is at least ``min_flip`` and
+    ``ratio >= min_ratio``, else None (no backdoor found).
     """
-    sizes = [t.pixels if t.pruned_flip >= min_flip and t.pixels > 0 else math.inf for t in triggers]
-    if not triggers or all(math.isinf(s) for s in sizes):
-        return None, math.inf
-    best = min(range(len(triggers)), key=lambda i: sizes[i])
-    others = [s for i, s in enumerate(sizes) if i != best]
-    finite = [s for s in others if not math.isinf(s)]
-    median = statistics.median(others) if finite else math.inf
-    ratio = sizes[best] / median if median > 0 else math.inf
-    return (triggers[best] if ratio <= max_ratio else None), ratio
+    if not triggers:
+        return None, math.nan
+    rates = [0.0 if math.isnan(t.flip_at_budget) else t.flip_at_budget for t in triggers]
+    best = max(range(len(triggers)), key=lambda i: rates[i])
+    others = [r for i, r in enumerate(rates) if i != best]
+    median = statistics.median(others) if others else 0.0
+    ratio = rates[best] / median if median > 0 else math.inf
+    found = rates[best] >= min_flip and ratio >= min_ratio
+    return (triggers[best] if found else None), ratio
 
 
-def purify(x: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """``x`` with the trigger's pixels (``mask`` 1) replaced by ``fill`` (a scalar or a
-    tensor broadcasting to one image)."""
+def purify(x: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | float | str = "inpaint") -> torch.Tensor:
+    """``x`` with the trigger's pixels (``mask`` 1) replaced: ``"inpaint"`` by the mean of
+    each pixel's unmasked 3x3 neighbours (0 where it has none), so a stray mask pixel on a
+    stroke keeps the stroke while a corner patch becomes background; or by ``fill`` (a
+    scalar or a tensor broadcasting to one image)."""
     mask = mask.to(x)
+    if isinstance(fill, str):
+        if fill != "inpaint":
+            raise ValueError(f"unknown purify fill '{fill}'; choose inpaint, a number or a tensor")
+        keep = 1 - mask
+        kernel = torch.ones(x.shape[1], 1, 3, 3, dtype=x.dtype, device=x.device)
+        total = F.conv2d(x * keep, kernel, padding=1, groups=x.shape[1])
+        count = F.conv2d(keep.expand(-1, x.shape[1], -1, -1), kernel, padding=1, groups=x.shape[1])
+        value = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        return keep * x + mask * value
     fill = fill.to(x) if isinstance(fill, torch.Tensor) else torch.full_like(x[:1], float(fill))
     return (1 - mask) * x + mask * fill
 
