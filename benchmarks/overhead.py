@@ -6,6 +6,10 @@ with ABD, alternating the order over ``--repeats`` runs, and prints the wall tim
 ratio ABD / baseline and where ABD's time goes (its ``defense_s``).
 
     .venv/bin/python benchmarks/overhead.py --iterations 100 --repeats 2
+    .venv/bin/python benchmarks/overhead.py --defense abd_ti --iterations 500 --repeats 1
+
+``--defense`` picks the defended arm (``abd``, ``abd_ti``, ``sv``, ``sr``). ``abd_ti``'s class
+scans cost the same whatever the run's length, so time it at the full 500 iterations.
 
 Targets (issue 3): ratio <= 1.10 for one teacher, <= 1.25 for the ensemble.
 """
@@ -45,25 +49,27 @@ def fl_teachers(cfg: dict) -> list[torch.nn.Module]:
     return teachers
 
 
-def time_pair(cfg: dict, teachers: list[torch.nn.Module], repeats: int) -> dict:
+def time_pair(cfg: dict, teachers: list[torch.nn.Module], repeats: int, defense: str = "abd") -> dict:
     bundle = build_bundle(cfg)
-    walls: dict[str, list[float]] = {"none": [], "abd": []}
+    walls: dict[str, list[float]] = {"none": [], defense: []}
     defense_s: list[float] = []
     reports = []
     for r in range(repeats):
-        for name in (("none", "abd") if r % 2 == 0 else ("abd", "none")):
+        for name in (("none", defense) if r % 2 == 0 else (defense, "none")):
             student = build_named_model(cfg, bundle, "student")
             dcfg = distill_config(cfg)
             t0 = time.perf_counter()
             result = distill(teachers, student, build_synthesizer_from_config(cfg), defense=build_defense(cfg, name, dcfg.seed),
                              config=dcfg, image_shape=bundle.train.shape)
             walls[name].append(time.perf_counter() - t0)
-            if name == "abd":
+            if name == defense:
                 defense_s.append(result.defense_s)
                 reports.append(result.defense_report)
-    base, abd = statistics.median(walls["none"]), statistics.median(walls["abd"])
+    base, abd = statistics.median(walls["none"]), statistics.median(walls[defense])
+    inversion = reports[-1].get("inversion") or {}
     return {"baseline_s": base, "abd_s": abd, "ratio": abd / base, "defense_s": statistics.median(defense_s),
-            "vaccines_found": reports[-1].get("vaccines_found"), "sr_active": reports[-1].get("sr_active")}
+            "vaccines_found": reports[-1].get("vaccines_found"), "sr_active": reports[-1].get("sr_active"),
+            "suspects": inversion.get("suspects", "-")}
 
 
 def main() -> None:
@@ -71,20 +77,24 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--defense", default="abd", choices=["abd", "abd_ti", "sv", "sr"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both settings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    base = [f"distill.iterations={args.iterations}", *args.overrides]
+    base = [f"distill.iterations={args.iterations}", f"defense={args.defense}", *args.overrides]
     rows = []
     central = compose_config(["experiment=central", *base])
-    rows.append(("one teacher (centralized)", time_pair(central, [train_poisoned_teacher(central, torch.device("cpu"))], args.repeats)))
+    rows.append(("one teacher (centralized)", time_pair(central, [train_poisoned_teacher(central, torch.device("cpu"))], args.repeats,
+                                                                args.defense)))
     fl = compose_config(base)
-    rows.append((f"ensemble of {fl['simulation']['num_clients']} client teachers", time_pair(fl, fl_teachers(fl), args.repeats)))
-    print(f"\nABD overhead, ZSKT {args.iterations} iterations, median of {args.repeats} alternating runs, {args.threads} threads")
-    print("| setting | baseline s | ABD s | ratio ABD/baseline | ABD defense_s | vaccines found | SR active |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    rows.append((f"ensemble of {fl['simulation']['num_clients']} client teachers", time_pair(fl, fl_teachers(fl), args.repeats, args.defense)))
+    print(f"\ndefense={args.defense} overhead, ZSKT {args.iterations} iterations, median of {args.repeats} alternating runs, "
+          f"{args.threads} threads")
+    print("| setting | baseline s | defended s | ratio defended/baseline | defense_s | vaccines found | SR active | suspects |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['baseline_s']:.1f} | {r['abd_s']:.1f} | {r['ratio']:.2f} | {r['defense_s']:.1f} | {r['vaccines_found']} | {r['sr_active']} |")
+        print(f"| {name} | {r['baseline_s']:.1f} | {r['abd_s']:.1f} | {r['ratio']:.2f} | {r['defense_s']:.1f} | "
+              f"{r['vaccines_found']} | {r['sr_active']} | {r['suspects']} |")
 
 
 if __name__ == "__main__":

@@ -82,13 +82,14 @@ def flag_rates(run_dir: Path) -> dict[str, float | None]:
 
 
 def inversion_info(metrics: list[dict]) -> dict:
-    """The targeted retrospection's outcome (defense=abd_ti): suspected class, size ratio, mask pixels."""
+    """The targeted retrospection's outcome (defense=abd_ti): classes suspected per scan, the
+    best class's flip-rate ratio to the median class per scan, purified pixels."""
     for m in metrics:
         inv = (m.get("defense") or {}).get("inversion")
         if inv:
-            best = min(inv["classes"], key=lambda c: c["pixels"] if c["pixels"] else 1e9)
-            return {"suspect": inv["suspect"], "ratio": inv["ratio"], "mask_pixels": len(inv.get("mask") or []),
-                    "smallest_pixels": best["pixels"]}
+            scans = inv.get("scans") or []
+            return {"suspects": [s["suspect"] for s in scans], "ratios": [s["ratio"] for s in scans],
+                    "purify_pixels": inv.get("purify_pixels")}
     return {}
 
 
@@ -137,7 +138,7 @@ def report(out: Path) -> str:
                          f"{flags if point != 'baseline' else '-'} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
-    save_figure(rows, ROOT / "docs" / "figures" / "sv_tradeoff.png")
+    save_figure(rows, ROOT / "docs" / "figures" / f"{out.name}.png")  # sv_tradeoff.png, table4.png, ...
     return text
 
 

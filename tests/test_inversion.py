@@ -21,6 +21,7 @@ from abd_fl.defense.inversion import (
     trigger_flip_rate,
 )
 from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
+from abd_fl.distill.ensemble import TeacherEnsemble
 from abd_fl.distill.hooks import DistillContext, NullDefense
 from abd_fl.models import build_model
 
@@ -155,7 +156,8 @@ def test_a_found_trigger_purifies_what_the_teachers_see_in_the_loop() -> None:
     defense = ABDDefense(_ti_config())
     images = _samples(512)
     images[::2, :, PATCH[0], PATCH[1]] = 1.0  # half the samples carry the trigger: the teacher's view shows the purification
-    result = distill([Recorder(target=3)], FrozenStudent(), FixedDataSynthesizer(images), defense=defense,
+    ensemble = TeacherEnsemble([Recorder(target=3)])
+    result = distill(ensemble, FrozenStudent(), FixedDataSynthesizer(images), defense=defense,
                      config=DistillConfig(iterations=4, student_steps=1, batch_size=128, log_every=1))
     report = result.defense_report["inversion"]
     assert report["suspects"] == [3] and report["purify_pixels"] == 1
@@ -166,12 +168,14 @@ def test_a_found_trigger_purifies_what_the_teachers_see_in_the_loop() -> None:
     (r, k), = inv["mask"]
     assert float(seen[0][:, :, r, k].max()) == 1.0 and float(seen[-1][:, :, r, k].max()) == 0.0  # raw first, purified last
     assert len(student_inputs) == 4 and all(float(s[:, :, r, k].max()) == 1.0 for s in student_inputs)  # raw x
-    # the hook is gone after the run: a direct call sees the raw input again
-    seen.clear()
-    from abd_fl.distill.ensemble import TeacherEnsemble
-
-    TeacherEnsemble([Recorder(target=3)])(images[:1])
-    assert float(seen[-1][0, 0, 5, 5]) == 1.0
+    # the hook is gone after the run: the same ensemble sees the raw input again
+    assert not ensemble._forward_pre_hooks
+    ensemble(images[:1])
+    assert float(seen[-1][0, 0, r, k]) == 1.0
+    with pytest.raises(RuntimeError, match="serves one distill"):  # a defense is not reused across runs
+        distill(ensemble, FrozenStudent(), FixedDataSynthesizer(images), defense=defense,
+                config=DistillConfig(iterations=1, student_steps=1, batch_size=8))
+    assert not ensemble._forward_pre_hooks  # ... and the hook is removed when a run fails
 
 
 def test_without_a_backdoor_nothing_is_switched_on() -> None:
@@ -205,6 +209,19 @@ def test_the_class_balance_term_is_minus_coef_times_the_entropy_of_the_mean_pred
     assert ABDDefense(ABDConfig(use_sv=False, sr="off")).generator_loss_term(x) is None  # off by default
 
 
+def test_inversion_at_accepts_a_hydra_list_and_the_ablation_arms_drop_our_additions() -> None:
+    from omegaconf import OmegaConf
+
+    from abd_fl.defense import abd_config_for
+
+    assert ABDConfig(inversion_at=OmegaConf.create([0.6, 0.3])).inversion_at == [0.3, 0.6]
+    ti = dict(use_sv=False, sr="off", class_balance=0.1, inversion="on")
+    sv, sr = abd_config_for("sv", **ti), abd_config_for("sr", **ti)
+    assert (sv.use_sv, sv.sr, sv.inversion, sv.class_balance) == (True, "off", "off", 0.0)
+    assert (sr.use_sv, sr.sr, sr.inversion, sr.class_balance) == (False, "on", "off", 0.0)
+    assert abd_config_for("abd_ti", **ti).inversion == "on"
+
+
 def test_the_null_defense_leaves_teacher_inputs_alone() -> None:
     x = _samples(2)
     assert NullDefense().teacher_input(x) is x
@@ -212,7 +229,8 @@ def test_the_null_defense_leaves_teacher_inputs_alone() -> None:
 
 @pytest.mark.parametrize("key,value", [("class_balance", -0.1), ("class_balance", float("nan")), ("inversion", "maybe"),
                                        ("inversion_at", [0.3, 1.5]), ("inversion_at", []), ("inversion_steps", 0),
-                                       ("purify_fill", "noise"), ("inversion_min_ratio", -1)])
+                                       ("purify_fill", "noise"), ("inversion_min_ratio", -1), ("inversion_budget", 0),
+                                       ("inversion_keep", 1.5), ("use_sv", "false")])
 def test_bad_settings_fail_with_one_line(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"defense.{key}") as err:
         ABDConfig(**{key: value})

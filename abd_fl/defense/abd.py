@@ -45,10 +45,11 @@ Our additions (off by default; on in ``defense=abd_ti``, README "Design"):
   last ``inversion_batches`` synthetic batches (:mod:`abd_fl.defense.inversion`); the class
   that a mask of ``inversion_budget`` of the pixels flips most is the suspected target when
   it flips at least ``inversion_min_flip`` of the samples and ``inversion_min_ratio`` x the
-  median class. Found: from then on every teacher sees its inputs *purified* (the pruned
-  mask's pixels in-painted, ``purify_fill``; masks of later finds are added), so neither the
-  generator nor the KD targets can use the trigger, and the student, still fed the raw
-  samples, learns to ignore it. Not found: nothing is switched on. Each teacher's flip rate
+  median class. Found: from then on every call of the teacher ensemble (the generator's
+  step and the KD targets; not the SV terms, which call each teacher directly) sees its
+  inputs *purified* (the pruned mask's pixels in-painted, ``purify_fill``; masks of later
+  finds are added), so neither the generator nor the KD targets can use the trigger, and the
+  student, still fed the raw samples, learns to ignore it. Not found: nothing is switched on. Each teacher's flip rate
   under the found trigger is its suspicion score.
 - **Class balance** (``class_balance`` > 0): the generator's loss gets
   ``coef * sum_c pbar_c log pbar_c`` (minus the entropy of the teachers' mean prediction over
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -156,8 +158,7 @@ class ABDConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown defense.{name} '{getattr(self, name)}'; choose one of: {', '.join(allowed)}")
-        for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor", "class_threshold",
-                     "inversion_keep", "inversion_budget", "inversion_min_flip"):
+        for name in ("warmup_fraction", "sr_fraction", "threshold", "downweight_factor", "class_threshold"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0):
                 raise ValueError(f"defense.{name} must be in [0, 1], got {value!r}")
@@ -174,13 +175,20 @@ class ABDConfig:
             raise ValueError(f"defense.sr_steps must be null or an integer >= 1, got {self.sr_steps!r}")
         if not (isinstance(self.sr_lr, (int, float)) and math.isfinite(self.sr_lr) and self.sr_lr > 0):
             raise ValueError(f"defense.sr_lr must be a finite number > 0, got {self.sr_lr!r}")
+        for name in ("inversion_keep", "inversion_budget", "inversion_min_flip"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0):
+                raise ValueError(f"defense.{name} must be in (0, 1], got {v!r}")
+        if not isinstance(self.use_sv, bool):
+            raise ValueError(f"defense.use_sv must be true or false, got {self.use_sv!r}")
         for name in ("class_balance", "inversion_min_ratio"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"defense.{name} must be a finite number >= 0, got {v!r}")
         at = self.inversion_at
         at = [at] if isinstance(at, (int, float)) and not isinstance(at, bool) else at
-        if (not isinstance(at, (list, tuple)) or not at
+        at = list(at) if isinstance(at, Sequence) and not isinstance(at, str) else at  # a list, tuple or ListConfig
+        if (not isinstance(at, list) or not at
                 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and 0 < a < 1 for a in at)):
             raise ValueError(f"defense.inversion_at must be a list of fractions in (0, 1), got {self.inversion_at!r}")
         self.inversion_at = sorted(float(a) for a in at)
@@ -196,8 +204,10 @@ def abd_config_for(name: str, **overrides: Any) -> ABDConfig | None:
         return None
     sr_cfg = overrides.pop("sr_config", None)
     cfg = ABDConfig(**overrides, sr_config=SRConfig(**sr_cfg) if isinstance(sr_cfg, dict) else (sr_cfg or SRConfig()))
+    if name in ("sv", "sr"):  # the ablation arms are the paper's parts, also beside defense=abd_ti
+        cfg.inversion, cfg.class_balance = "off", 0.0
     if name == "sv":
-        cfg.sr = "off"
+        cfg.use_sv, cfg.sr = True, "off"
     elif name == "sr":
         cfg.use_sv, cfg.sr = False, "on"
     return cfg
@@ -236,6 +246,8 @@ class ABDDefense(NullDefense):
 
     # ---- set-up and the vaccine search ---------------------------------------------
     def on_distill_start(self, ctx: DistillContext) -> None:
+        if self.ctx is not None:
+            raise RuntimeError("an ABDDefense serves one distill() run; build a new one for the next run")
         self.ctx = ctx
         cfg = self.cfg
         if cfg.inversion == "on":

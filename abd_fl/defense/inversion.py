@@ -149,7 +149,8 @@ def prune_mask(
     budget: int = 4,
 ) -> InvertedTrigger:
     """Binarise ``trigger.mask`` at ``threshold`` and drop pixels greedily (each round the
-    pixel whose removal keeps the highest flip rate) down to one pixel. Returns the trigger
+    pixel whose removal keeps the highest flip rate), down to one pixel or until the mask is
+    within ``budget`` pixels and its rate below ``keep`` x the binarised mask's. Returns the trigger
     with the smallest mask on that path whose flip rate is at least ``keep`` x the
     binarised mask's (``pixels``, ``pruned_flip``), and the flip rate of the path's
     ``budget``-pixel mask (``flip_at_budget``; the whole mask's when it has fewer pixels)."""

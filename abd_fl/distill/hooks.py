@@ -16,10 +16,11 @@ passes it in. Three hook points, one per place the ABD paper acts (Sec. 4):
    (Algorithm 2 decides on SR only after the vaccine search).
 
 One optional hook, looked up with ``getattr`` (a defense without it is still a
-:class:`DistillDefense`): ``teacher_input(x) -> x'``, what the teachers see of every input
-(the generator's step and the KD targets alike; the student still sees ``x``). The loop
-installs it as a forward pre-hook on the teacher ensemble for the run; ABD's targeted
-retrospection uses it to purify a found trigger's pixels.
+:class:`DistillDefense`): ``teacher_input(x) -> x'``, what every call of the teacher
+ensemble sees of its input (the synthesizer's generator step and the KD targets alike; the
+student still sees ``x``; a module that calls a member teacher directly does not pass
+through it). The loop installs it as a forward pre-hook on the ensemble for the run and
+removes it afterwards; ABD's targeted retrospection uses it to purify a found trigger's pixels.
 """
 
 from __future__ import annotations

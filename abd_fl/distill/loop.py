@@ -174,7 +174,9 @@ def distill(
             x_prev: torch.Tensor | None = None
             for _ in range(cfg.student_steps):
                 x = synthesizer.sample(cfg.batch_size)
-                if x is not x_prev or use_at:  # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once
+                # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once; with attention
+                # transfer the teachers' stage outputs are recorded per step, so they run every step
+                if x is not x_prev or use_at:
                     with torch.no_grad(), recording(teacher_recs):
                         t_logits = ensemble(x)
                     x_prev = x

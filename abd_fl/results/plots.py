@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-ROLES = ("ensemble", "fedavg", "dfkd_student", "abd_student", "sv_student", "sr_student")
+ROLES = ("ensemble", "fedavg", "dfkd_student", "abd_student", "abd_ti_student", "sv_student", "sr_student")
 
 
 def plot_rounds(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:

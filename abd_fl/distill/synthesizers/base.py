@@ -53,7 +53,9 @@ class Synthesizer(ABC):
 
     @abstractmethod
     def sample(self, batch_size: int) -> torch.Tensor:
-        """A batch of surrogate inputs (N, C, H, W), detached, on the device."""
+        """A batch of surrogate inputs (N, C, H, W), detached, on the device. A synthesizer
+        may return the very same tensor to several calls (ZSKT does within a round), so
+        callers treat it as read-only; the loop then computes the teachers' logits once."""
 
     def _add_defense_term(self, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.extra_generator_loss is None:
