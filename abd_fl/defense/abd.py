@@ -143,6 +143,7 @@ class ABDConfig:
     inversion_steps: int = 150
     inversion_batch_size: int = 64
     inversion_keep: float = 0.8
+    inversion_follow: float = 0.1
     inversion_budget: float = 0.0625
     inversion_min_flip: float = 0.6
     inversion_min_ratio: float = 2.0
@@ -175,7 +176,7 @@ class ABDConfig:
             raise ValueError(f"defense.sr_steps must be null or an integer >= 1, got {self.sr_steps!r}")
         if not (isinstance(self.sr_lr, (int, float)) and math.isfinite(self.sr_lr) and self.sr_lr > 0):
             raise ValueError(f"defense.sr_lr must be a finite number > 0, got {self.sr_lr!r}")
-        for name in ("inversion_keep", "inversion_budget", "inversion_min_flip"):
+        for name in ("inversion_keep", "inversion_budget", "inversion_min_flip", "inversion_follow"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0):
                 raise ValueError(f"defense.{name} must be in (0, 1], got {v!r}")
@@ -237,6 +238,7 @@ class ABDDefense(NullDefense):
         self._weights_mode = self.cfg.weights
         self._recent: list[torch.Tensor] = []
         self._inversion_its: list[int] = []
+        self._follow_its: set[int] = set()
         self._triggers: list[InvertedTrigger] = []
         self._purify_mask: torch.Tensor | None = None
         self._fill: torch.Tensor | float | str = "inpaint"
@@ -253,6 +255,8 @@ class ABDDefense(NullDefense):
         if cfg.inversion == "on":
             total = ctx.total_iterations
             self._inversion_its = sorted({max(1, min(total - 1, math.ceil(a * total))) for a in cfg.inversion_at})
+            step = max(1, math.ceil(cfg.inversion_follow * total))
+            self._follow_its = set(range(self._inversion_its[0] + step, total, step))
         if cfg.weights == "auto":
             self._weights_mode = "reference" if ctx.fixed_inputs else "off"
         total = ctx.total_iterations
@@ -287,7 +291,7 @@ class ABDDefense(NullDefense):
 
     def on_iteration(self, iteration: int) -> None:
         self._iteration = iteration
-        if self.ctx is not None and iteration in self._inversion_its:
+        if self.ctx is not None and (iteration in self._inversion_its or (self._triggers and iteration in self._follow_its)):
             self._retrospect()
         if self.ctx is None or iteration < self._search_at:
             return
@@ -355,7 +359,8 @@ class ABDDefense(NullDefense):
 
     def _remember(self, x: torch.Tensor) -> None:
         """Keep the last ``inversion_batches`` distinct synthetic batches (the inversion's samples)."""
-        if not self._inversion_its or self._iteration >= self._inversion_its[-1]:
+        last = max([*self._inversion_its, *self._follow_its]) if self._triggers else (self._inversion_its or [-1])[-1]
+        if not self._inversion_its or self._iteration >= last:
             return
         if self._recent and self._recent[-1].shape == x.shape and torch.equal(self._recent[-1], x):
             return
@@ -364,7 +369,11 @@ class ABDDefense(NullDefense):
 
     def _retrospect(self) -> None:
         """Targeted retrospection: scan every class of the student for a trigger; a suspected
-        one's mask joins the purification mask of the teachers' inputs (see the module doc)."""
+        one's mask joins the purification mask of the teachers' inputs (see the module doc).
+        Once a class is suspected, later scans (every ``inversion_follow`` of the run, and at
+        the remaining ``inversion_at`` points) revisit only the suspected classes, adding each
+        mask that still flips at least ``inversion_min_flip``: a trigger the first mask did
+        not cover (a distributed watermark) is purified step by step."""
         assert self.ctx is not None
         cfg, ctx = self.cfg, self.ctx
         if not self._recent:
@@ -381,17 +390,23 @@ class ABDDefense(NullDefense):
             with torch.no_grad():
                 num_classes = int(student(samples[:1]).shape[1])
             budget = max(1, round(cfg.inversion_budget * samples.shape[-2] * samples.shape[-1]))
-            scans = scan_classes(student, samples, range(num_classes), keep=cfg.inversion_keep, budget=budget,
+            follow_up = bool(self._triggers)
+            classes = sorted({t.target for t in self._triggers}) if follow_up else range(num_classes)
+            scans = scan_classes(student, samples, classes, keep=cfg.inversion_keep, budget=budget,
                                  seed=cfg.seed + 7 * len(self._scans), steps=cfg.inversion_steps,
                                  batch_size=cfg.inversion_batch_size)
-            trigger, ratio = suspect_class(scans, cfg.inversion_min_flip, cfg.inversion_min_ratio)
+            if follow_up:  # a suspected class whose trigger still flips: its new mask is added
+                still = [t for t in scans if t.flip_at_budget >= cfg.inversion_min_flip]
+                trigger, ratio = (max(still, key=lambda t: t.flip_at_budget) if still else None), math.nan
+            else:
+                trigger, ratio = suspect_class(scans, cfg.inversion_min_flip, cfg.inversion_min_ratio)
         finally:
             for m, training in modes:
                 m.training = training
             for p, flag in requires:
                 p.requires_grad_(flag)
         scan: dict[str, Any] = {
-            "iteration": self._iteration, "samples": int(samples.shape[0]), "budget_pixels": budget,
+            "iteration": self._iteration, "samples": int(samples.shape[0]), "budget_pixels": budget, "follow_up": follow_up,
             "ratio": ratio if math.isfinite(ratio) else None, "classes": [t.summary() for t in scans], "suspect": None,
         }
         if trigger is not None:
