@@ -113,13 +113,27 @@ def one(out: Path, trigger: str, point: str, seed: int, extra: list[str]) -> dic
     return row
 
 
+ACC_DROP, ASR_MAX = 0.03, 0.05  # issue 12's central target: ASR <= 5% at <= 3 points Acc drop vs the baseline
+
+
+def _found(row: dict) -> str:
+    """What the defense found in one run: abd_ti's suspected classes, or '-'."""
+    if "suspects" not in row:
+        return "-"
+    found = sorted({s for s in row["suspects"] if s is not None})
+    return ",".join(map(str, found)) if found else "none"
+
+
 def report(out: Path) -> str:
+    """``results.md``: the mean (min-max) table, then per trigger and defense each seed against the
+    same seed's baseline with the verdict of the central target; and the figure."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     latest: dict[tuple, dict] = {}
     for r in rows:
         latest[(r["trigger"], r["point"], r["seed"])] = r
     rows = list(latest.values())
-    lines = ["| trigger | point | n | Acc % | ASR % | floor % | flag rate target / other % |", "|---|---|---:|---|---|---|---|"]
+    lines = ["| trigger | point | n | Acc % | ASR % | floor % | flag rate target / other % | trigger found (per seed) |",
+             "|---|---|---:|---|---|---|---|---|"]
 
     def cell(vals: list[float]) -> str:
         vals = [100 * v for v in vals if v is not None]
@@ -129,13 +143,32 @@ def report(out: Path) -> str:
 
     for trigger in sorted({r["trigger"] for r in rows}):
         for point in POINTS:
-            sel = [r for r in rows if r["trigger"] == trigger and r["point"] == point]
+            sel = sorted((r for r in rows if r["trigger"] == trigger and r["point"] == point), key=lambda r: r["seed"])
             if not sel:
                 continue
             flags = f"{cell([r.get('flag_target') for r in sel])} / {cell([r.get('flag_other') for r in sel])}"
+            found = " / ".join(_found(r) for r in sel) if any("suspects" in r for r in sel) else "-"
             lines.append(f"| {trigger} | {point} | {len(sel)} | {cell([r['acc'] for r in sel])} | "
                          f"{cell([r['asr'] for r in sel])} | {cell([r['asr_floor'] for r in sel])} | "
-                         f"{flags if point != 'baseline' else '-'} |")
+                         f"{flags if point != 'baseline' else '-'} | {found} |")
+    lines += ["", f"Per seed against the same seed's baseline (target: ASR <= {100 * ASR_MAX:.0f}% at <= "
+              f"{100 * ACC_DROP:.0f} points Acc drop; 'no transfer' where the baseline's ASR is below 50%):", "",
+              "| trigger | point | seed | baseline Acc / ASR | Acc / ASR (floor) | Acc drop | target |", "|---|---|---:|---|---|---:|---|"]
+    base = {(r["trigger"], r["seed"]): r for r in rows if r["point"] == "baseline"}
+    for trigger in sorted({r["trigger"] for r in rows}):
+        for point in POINTS:
+            if point == "baseline":
+                continue
+            for r in sorted((r for r in rows if r["trigger"] == trigger and r["point"] == point), key=lambda r: r["seed"]):
+                b = base.get((trigger, r["seed"]))
+                if b is None:
+                    continue
+                drop = b["acc"] - r["acc"]
+                verdict = ("no transfer" if b["asr"] < 0.5 else
+                           "met" if r["asr"] <= ASR_MAX and drop <= ACC_DROP else "missed")
+                lines.append(f"| {trigger} | {point} | {r['seed']} | {100 * b['acc']:.1f} / {100 * b['asr']:.1f} | "
+                             f"{100 * r['acc']:.1f} / {100 * r['asr']:.1f} ({100 * r['asr_floor']:.1f}) | "
+                             f"{100 * drop:+.1f} | {verdict} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     save_figure(rows, ROOT / "docs" / "figures" / f"{out.name}.png")  # sv_tradeoff.png, table4.png, ...
