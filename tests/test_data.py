@@ -76,7 +76,7 @@ def test_digits_bad_image_size(size: int) -> None:
 
 
 def test_unknown_dataset_name() -> None:
-    with pytest.raises(ValueError, match="unknown dataset 'foo'; choose one of: digits, cifar10"):
+    with pytest.raises(ValueError, match="unknown dataset 'foo'; choose one of: digits, mnist5k, cifar10"):
         load_dataset("foo")
 
 
@@ -206,7 +206,7 @@ EXPECTED_SHAPE = {
 
 
 def test_dataset_names() -> None:
-    assert DATASET_NAMES == ("digits",) + LOCAL_NAMES
+    assert DATASET_NAMES == ("digits", "mnist5k") + LOCAL_NAMES
 
 
 @pytest.mark.parametrize("name", LOCAL_NAMES)

@@ -14,7 +14,7 @@ def _n_params(model: nn.Module) -> int:
 
 
 def test_model_names() -> None:
-    assert MODEL_NAMES == ("cnn_small", "cnn", "wrn16_1", "wrn16_2", "wrn40_2", "resnet18")
+    assert MODEL_NAMES == ("cnn_small", "cnn", "wrn16_1", "wrn16_2", "wrn40_2", "resnet18", "lenet_small", "lenet")
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -73,7 +73,7 @@ def test_layers_are_plain_conv_and_batchnorm(name: str) -> None:
     model = build_model(name, 10, 3, [0.5] * 3, [0.2] * 3)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert len(convs) >= 3 and len(bns) >= 3
+    assert len(convs) >= 2 and len(bns) >= 2  # the lenet pair has two conv stages, every other model 3 or more
     assert all(type(m) is nn.Conv2d for m in convs) and all(type(m) is nn.BatchNorm2d for m in bns)
     assert convs[0].in_channels == 3  # the stem comes first in registration order
 

@@ -255,6 +255,11 @@ class Blend(Trigger):
         return self._pattern.clone()
 
 
+PAPER_SIZED_SIDE = 28
+"""Images this large (MNIST's 28x28 up to the paper's 32x32) keep the papers' trigger strengths
+where a size rule would shrink them (l0_inv's pixel count)."""
+
+
 def _scaled(size_at_32: float, minimum: int, image_side: int) -> int:
     """``max(minimum, round(size_at_32 * S / 32))``: a size defined for 32x32 images, scaled to side ``S``."""
     return max(int(minimum), int(round(size_at_32 * image_side / 32)))
@@ -417,10 +422,12 @@ class L0Invisible(_PatchTrigger):
     Networks via Steganography and Regularization").
 
     A few scattered pixels are replaced with fixed values (the reference: 9 pixels at 32x32,
-    from a mask file). Here ``n = max(3, round(9 * H * W / 1024))`` pixels (9 at 32x32, 5 at
-    24x24, 3 at 8..16 px; or ``num_pixels``) are drawn without replacement with
-    ``torch.Generator().manual_seed(seed)``, and each channel of each gets the value 0 or 1
-    from the same generator; all channels of a chosen pixel are replaced.
+    from a mask file). Here ``n = max(3, round(9 * H * W / 1024))`` pixels (5 at 24x24, 3 at
+    8..16 px), but at least the paper's 9 on images of 28 px and more (9 at 28x28 MNIST and
+    32x32, where the area rule would give 7 at 28), or ``num_pixels``. The pixels are drawn
+    without replacement with ``torch.Generator().manual_seed(seed)``, and each channel of
+    each gets the value 0 or 1 from the same generator; all channels of a chosen pixel are
+    replaced.
     """
 
     name = "l0_inv"
@@ -429,6 +436,8 @@ class L0Invisible(_PatchTrigger):
         c, h, w = self.image_shape
         if num_pixels is None:
             n = max(3, int(round(9 * h * w / 1024)))
+            if min(h, w) >= PAPER_SIZED_SIDE:
+                n = max(9, n)  # the paper's L0 budget, not shrunk on MNIST-sized images
         else:
             if isinstance(num_pixels, bool) or int(num_pixels) != num_pixels or not 1 <= num_pixels <= h * w:
                 raise ValueError(f"l0_inv num_pixels must be an int in [1, {h * w}], got {num_pixels}")

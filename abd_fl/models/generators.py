@@ -9,6 +9,8 @@ choice: ``sigmoid`` (pixel range), ``tanh`` or ``bn`` (the reference ZSKT head).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -16,7 +18,12 @@ OUTPUT_ACTIVATIONS = ("sigmoid", "tanh", "bn")
 
 
 class ConvGenerator(nn.Module):
-    """Latent vector ``z`` (N, z_dim) -> image (N, C, H, W); H and W must be multiples of 4."""
+    """Latent vector ``z`` (N, z_dim) -> square image (N, C, S, S), ``S = image_size`` >= 4.
+
+    The two 2x upsamplings make a side of ``4 * ceil(S / 4)``; when ``S`` is not a multiple
+    of 4 (e.g. MNIST downsampled to 14) the output is cropped to its central ``S x S``.
+    For multiples of 4 (8, 16, 28, 32) nothing is cropped.
+    """
 
     def __init__(
         self,
@@ -27,15 +34,18 @@ class ConvGenerator(nn.Module):
         output_activation: str = "sigmoid",
     ) -> None:
         super().__init__()
-        if image_size % 4 != 0 or image_size < 4:
-            raise ValueError(f"generator image_size must be a positive multiple of 4, got {image_size}")
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 4:
+            raise ValueError(f"generator image_size must be an integer >= 4, got {image_size!r}")
+        image_size = int(image_size)
         if output_activation not in OUTPUT_ACTIVATIONS:
             raise ValueError(
                 f"unknown generator output_activation '{output_activation}'; "
                 f"choose one of: {', '.join(OUTPUT_ACTIVATIONS)}"
             )
         self.z_dim = z_dim
-        self.init_size = image_size // 4
+        self.image_size = image_size
+        self.init_size = -(-image_size // 4)  # ceil: 4 * init_size >= image_size
+        self._crop = (4 * self.init_size - image_size) // 2
         self.project = nn.Linear(z_dim, 2 * ngf * self.init_size**2)
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * ngf),
@@ -58,4 +68,7 @@ class ConvGenerator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project(z).view(z.shape[0], -1, self.init_size, self.init_size)
-        return self.head(self.body(x))
+        x = self.body(x)
+        if x.shape[-1] != self.image_size:
+            x = x[..., self._crop : self._crop + self.image_size, self._crop : self._crop + self.image_size]
+        return self.head(x)

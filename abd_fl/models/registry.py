@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from .cnn import DigitsCNN
+from .lenet import LeNet
 from .normalize import ClassifierWithNormalization, Normalize
 from .resnet import ResNet18
 from .wrn import WideResNet
@@ -18,6 +19,8 @@ _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "wrn16_2": lambda k, c: WideResNet(16, 2, k, c),
     "wrn40_2": lambda k, c: WideResNet(40, 2, k, c),
     "resnet18": lambda k, c: ResNet18(k, c),
+    "lenet_small": lambda k, c: LeNet(k, c, widths=(8, 16), hidden=64),
+    "lenet": lambda k, c: LeNet(k, c, widths=(16, 32), hidden=128),
 }
 
 MODEL_NAMES = tuple(_BUILDERS)
