@@ -82,6 +82,13 @@ def archive_run(run_dir: Path, archive: Path) -> Path:
     return dest
 
 
+def run_command(out: Path, label: str, overrides: list[str], seed: int) -> list[str]:
+    """The ``abd-fl`` command line of one sweep run, as ``run_one`` runs it (its run
+    directory is ``out/<label>-seed<seed>``)."""
+    run_out = out / f"{label}-seed{seed}"
+    return [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
+
+
 def run_one(
     out: Path,
     label: str,
@@ -99,7 +106,7 @@ def run_one(
     a finished run's records are copied there (``archive_run``)."""
     resume = resume or report_only
     run_out = out / f"{label}-seed{seed}"
-    cmd = [sys.executable, "-m", "abd_fl.cli", f"seed={seed}", f"output_dir={run_out}", "progress=false", *overrides]
+    cmd = run_command(out, label, overrides, seed)
     candidates = [run_out] + ([archive / run_out.name] if archive is not None else [])
     source = next((d for d in candidates if _finished_with(d, cmd[3:])), None) if resume else None
     if source is None and report_only:
