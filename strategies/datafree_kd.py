@@ -150,31 +150,17 @@ class DataFreeKD(Strategy):
         if not valid:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
             return None, None
+        # The teachers are read before the base aggregates: FedMedian, FedTrimmedAvg and
+        # Bulyan empty the replies' ArrayRecords while they aggregate.
+        teachers, info = self._read_teachers(valid)
+        t_read = time.perf_counter()
         agg_arrays, agg_metrics = self.base.aggregate_train(server_round, valid)
         t_agg = time.perf_counter()
-
-        teachers, info = [], []
-        for msg in valid:
-            arrays = next(iter(msg.content.array_records.values()))
-            metrics = next(iter(msg.content.metric_records.values()))
-            teachers.append(load_arrays(self.client_model_fn(), arrays).eval())
-            info.append(
-                {
-                    "node_id": int(msg.metadata.src_node_id),
-                    "partition_id": int(metrics["partition-id"]),
-                    "malicious": bool(metrics["malicious"]),
-                    "num_examples": int(metrics["num-examples"]),
-                    **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
-                    **(self.extension.reply_info(msg) if self.extension is not None else {}),
-                }
-            )
-        order = np.argsort([i["partition_id"] for i in info])
-        teachers, info = [teachers[i] for i in order], [info[i] for i in order]
         aggregated = load_arrays(self.client_model_fn(), agg_arrays).eval() if agg_arrays is not None else None
 
         students: dict[str, nn.Module] = {}
         results: dict[str, DistillResult] = {}
-        timings = {"aggregate_s": t_agg - t0}
+        timings = {"aggregate_s": t_agg - t_read, "read_replies_s": t_read - t0}
         extension_logs: dict[str, Any] = {}
         if self.extension is not None:
             t_ext = time.perf_counter()
@@ -197,11 +183,39 @@ class DataFreeKD(Strategy):
         return ArrayRecord(primary.state_dict()), metrics
 
 
+    def _read_teachers(self, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+        """The client models of the valid replies and their per-teacher facts, ordered by partition id."""
+        teachers, info = [], []
+        for msg in valid:
+            arrays = next(iter(msg.content.array_records.values()))
+            metrics = next(iter(msg.content.metric_records.values()))
+            teachers.append(load_arrays(self.client_model_fn(), arrays).eval())
+            info.append(
+                {
+                    "node_id": int(msg.metadata.src_node_id),
+                    "partition_id": int(metrics["partition-id"]),
+                    "malicious": bool(metrics["malicious"]),
+                    "num_examples": int(metrics["num-examples"]),
+                    **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
+                    **(self.extension.reply_info(msg) if self.extension is not None else {}),
+                }
+            )
+        order = np.argsort([i["partition_id"] for i in info])
+        return [teachers[i] for i in order], [info[i] for i in order]
+
+
 def make_base_strategy(name: str, params: Mapping[str, Any] | None, num_clients: int, fraction_train: float) -> Strategy:
     """Build a Flower Message-API strategy by config name (client-side evaluation off)."""
     from flwr.serverapp import strategy as fs
 
-    bases = {"fedavg": fs.FedAvg, "fedmedian": fs.FedMedian, "fedtrimmedavg": fs.FedTrimmedAvg, "krum": fs.Krum}
+    bases = {
+        "fedavg": fs.FedAvg,
+        "fedmedian": fs.FedMedian,
+        "fedtrimmedavg": fs.FedTrimmedAvg,
+        "krum": fs.Krum,
+        "multikrum": fs.MultiKrum,
+        "bulyan": fs.Bulyan,
+    }
     if name not in bases:
         raise ValueError(f"unknown strategy.base '{name}'; choose one of: {', '.join(bases)}")
     min_nodes = max(1, int(round(fraction_train * num_clients)))

@@ -137,3 +137,52 @@ def test_modes_and_base_strategies_are_validated() -> None:
         make_base_strategy("fedsgd", {}, 4, 1.0)
     for name in ("fedavg", "fedmedian", "fedtrimmedavg", "krum"):
         assert make_base_strategy(name, {}, 4, 1.0).fraction_evaluate == 0.0
+
+
+# ---- every shipped base strategy, both modes (issue 14) -------------------------------
+# FedMedian and FedTrimmedAvg pop the arrays out of the replies while they aggregate,
+# Bulyan empties them too: the teachers must still be the clients' models.
+
+BASE_PARAMS = {
+    "fedavg": {},
+    "fedmedian": {},
+    "fedtrimmedavg": {"beta": 0.2},
+    "krum": {"num_malicious_nodes": 2},
+    "multikrum": {"num_malicious_nodes": 2, "num_nodes_to_select": 4},
+    "bulyan": {"num_malicious_nodes": 1},  # needs 4 * 1 + 3 = 7 replies
+}
+NODES = list(range(1, 8))
+
+
+@pytest.mark.parametrize("mode", ["one_shot", "multi_round"])
+@pytest.mark.parametrize("base", sorted(BASE_PARAMS))
+def test_every_base_strategy_aggregates_and_the_teachers_stay_the_client_models(base: str, mode: str) -> None:
+    from abd_fl.distill import DistillResult
+
+    seen, starts = [], []
+
+    def record_start(arm, teachers, student, rnd):
+        starts.append({k: v.clone() for k, v in student.state_dict().items()})
+        return DistillResult(wall_s=0.0, defense_s=0.0)
+
+    strategy = DataFreeKD(
+        make_base_strategy(base, BASE_PARAMS[base], len(NODES), 1.0),
+        lambda: model(0),
+        lambda: model(0),
+        record_start,
+        mode=mode,
+        on_round=seen.append,
+    )
+    arrays, metrics = strategy.aggregate_train(1, [reply(n, good_arrays(n)) for n in NODES])
+    assert arrays is not None and metrics["num-rejected"] == 0
+    outcome = seen[0]
+    assert [i["node_id"] for i in outcome.teacher_info] == NODES
+    for node, teacher in zip(NODES, outcome.teachers):
+        for key, value in model(node).state_dict().items():
+            assert torch.equal(teacher.state_dict()[key], value), (node, key)
+    assert outcome.aggregated is not None
+    stacked = np.stack([model(n).state_dict()[FIRST_WEIGHT].numpy() for n in NODES])
+    if base == "fedmedian":
+        assert np.allclose(outcome.aggregated.state_dict()[FIRST_WEIGHT].numpy(), np.median(stacked, axis=0))
+    if mode == "multi_round":
+        assert torch.equal(starts[0][FIRST_WEIGHT], outcome.aggregated.state_dict()[FIRST_WEIGHT])
