@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from abd_fl.distill import DistillResult
-from strategies.validation import split_valid_replies
+from strategies.validation import DEFAULT_WEIGHT_KEY, split_valid_replies
 
 log = logging.getLogger("abd_fl")
 
@@ -146,13 +146,14 @@ class DataFreeKD(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t0 = time.perf_counter()
         extra_check = self.extension.reply_problem if self.extension is not None else None
-        valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check)
+        weight_key = str(getattr(self.base, "weighted_by_key", DEFAULT_WEIGHT_KEY))
+        valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check, weight_key)
         if not valid:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
             return None, None
         # The teachers are read before the base aggregates: FedMedian, FedTrimmedAvg and
         # Bulyan empty the replies' ArrayRecords while they aggregate.
-        teachers, info = self._read_teachers(valid)
+        teachers, info = self._read_teachers(server_round, valid)
         t_read = time.perf_counter()
         agg_arrays, agg_metrics = self.base.aggregate_train(server_round, valid)
         t_agg = time.perf_counter()
@@ -183,8 +184,9 @@ class DataFreeKD(Strategy):
         return ArrayRecord(primary.state_dict()), metrics
 
 
-    def _read_teachers(self, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
-        """The client models of the valid replies and their per-teacher facts, ordered by partition id."""
+    def _read_teachers(self, server_round: int, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+        """The client models of the valid replies and their per-teacher facts, ordered by
+        partition id (by node id when some reply carries none, as stock ClientApps do)."""
         teachers, info = [], []
         for msg in valid:
             arrays = next(iter(msg.content.array_records.values()))
@@ -193,14 +195,27 @@ class DataFreeKD(Strategy):
             info.append(
                 {
                     "node_id": int(msg.metadata.src_node_id),
-                    "partition_id": int(metrics["partition-id"]),
-                    "malicious": bool(metrics["malicious"]),
-                    "num_examples": int(metrics["num-examples"]),
+                    "partition_id": int(metrics["partition-id"]) if "partition-id" in metrics else None,
+                    "malicious": bool(metrics["malicious"]) if "malicious" in metrics else None,
+                    "num_examples": int(metrics["num-examples"]) if "num-examples" in metrics else None,
                     **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
                     **(self.extension.reply_info(msg) if self.extension is not None else {}),
                 }
             )
-        order = np.argsort([i["partition_id"] for i in info])
+        lacking = [key for key in ("partition_id", "malicious") if any(i[key] is None for i in info)]
+        if lacking:  # one line a round, however many replies lack them
+            n = sum(any(i[key] is None for key in lacking) for i in info)
+            log.info(
+                "round %d: %d of %d replies carry no %s (stock ClientApps send neither)%s%s",
+                server_round,
+                n,
+                len(info),
+                " / ".join(k.replace("_", "-") for k in lacking),
+                "; teachers ordered by node id" if "partition_id" in lacking else "",
+                "; per-client detection AUC not reported" if "malicious" in lacking else "",
+            )
+        key = "node_id" if "partition_id" in lacking else "partition_id"
+        order = np.argsort([i[key] for i in info], kind="stable")
         return [teachers[i] for i in order], [info[i] for i in order]
 
 

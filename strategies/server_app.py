@@ -76,6 +76,38 @@ def _configure_logging() -> None:
     log.setLevel(logging.INFO)
 
 
+def detection_report(distill_results: dict[str, DistillResult], malicious: list[bool | None]) -> dict[str, dict[str, Any]]:
+    """Per arm, the defense's per-teacher suspicion scores and their AUC against the
+    clients' ``malicious`` flags. The AUCs are None when some reply did not carry its flag
+    (a stock ClientApp): detection cannot be scored without the ground truth."""
+    known = None not in malicious
+
+    def auc(scores: list[float]) -> float | None:
+        return suspicion_auc(scores, malicious) if known else None
+
+    detection: dict[str, dict[str, Any]] = {}
+    for arm, result in distill_results.items():
+        teachers_report = result.defense_report.get("teachers") or []
+        # every teacher scored on D_s: by its vaccine search, or (search=off) its unverified vaccine
+        if teachers_report and all(t.get("tail_ratio") is not None for t in teachers_report):
+            ratios = [t["tail_ratio"] for t in teachers_report]
+            shares = [t.get("tail_class_share") or 0.0 for t in teachers_report]  # None: an empty tail
+            detection[arm] = {
+                "tail_ratio": ratios,
+                "mean_score": [t["mean_score"] for t in teachers_report],
+                "tail_class_share": shares,
+                "vaccine_found": [t["found"] for t in teachers_report],
+                "verified": [t.get("verified", True) for t in teachers_report],
+                "auc_tail_ratio": auc(ratios),
+                "auc_neg_mean_score": auc([-t["mean_score"] for t in teachers_report]),
+                "auc_tail_class_share": auc(shares),
+            }
+        flips = [t.get("trigger_flip") for t in teachers_report]
+        if teachers_report and all(f is not None for f in flips):  # defense=abd_ti: the student trigger's flip rate per teacher
+            detection.setdefault(arm, {}).update({"trigger_flip": flips, "auc_trigger_flip": auc(flips)})
+    return detection
+
+
 def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     """Run the whole federated experiment on ``grid``; returns the summary."""
     _configure_logging()
@@ -142,31 +174,13 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         )
         timings = {**outcome.timings, "evaluate_s": time.perf_counter() - t0}
         malicious = [i["malicious"] for i in outcome.teacher_info]
-        detection = {}
-        for arm, result in outcome.distill_results.items():
-            teachers_report = result.defense_report.get("teachers") or []
-            # every teacher scored on D_s: by its vaccine search, or (search=off) its unverified vaccine
-            if teachers_report and all(t.get("tail_ratio") is not None for t in teachers_report):
-                ratios = [t["tail_ratio"] for t in teachers_report]
-                shares = [t.get("tail_class_share") or 0.0 for t in teachers_report]  # None: an empty tail
-                detection[arm] = {
-                    "tail_ratio": ratios,
-                    "mean_score": [t["mean_score"] for t in teachers_report],
-                    "tail_class_share": shares,
-                    "vaccine_found": [t["found"] for t in teachers_report],
-                    "verified": [t.get("verified", True) for t in teachers_report],
-                    "auc_tail_ratio": suspicion_auc(ratios, malicious),
-                    "auc_neg_mean_score": suspicion_auc([-t["mean_score"] for t in teachers_report], malicious),
-                    "auc_tail_class_share": suspicion_auc(shares, malicious),
-                }
-            flips = [t.get("trigger_flip") for t in teachers_report]
-            if teachers_report and all(f is not None for f in flips):  # defense=abd_ti: the student trigger's flip rate per teacher
-                detection.setdefault(arm, {}).update({"trigger_flip": flips, "auc_trigger_flip": suspicion_auc(flips, malicious)})
+        detection = detection_report(outcome.distill_results, malicious)
         record = {
             "round": outcome.server_round,
             **metrics,
             "teacher_info": outcome.teacher_info,
-            "attackers": [i["partition_id"] for i in outcome.teacher_info if i["malicious"]],
+            # None when some reply did not say whether it attacked (a stock ClientApp)
+            "attackers": None if None in malicious else [i["partition_id"] for i in outcome.teacher_info if i["malicious"]],
             "detection": detection,
             "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
             "distill": {

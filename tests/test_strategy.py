@@ -64,7 +64,9 @@ def test_a_well_formed_reply_passes() -> None:
         (lambda: reply(1, with_array(1, FIRST_WEIGHT, np.zeros((3, 3), np.float32))), "has shape"),
         (lambda: reply(1, with_array(1, FIRST_WEIGHT, np.zeros(REF[FIRST_WEIGHT][0], np.float64))), "dtype"),
         (lambda: reply(1, with_array(1, "backdoor.extra", np.zeros(2, np.float32))), "keys differ"),
-        (lambda: reply(1, good_arrays(1), {"num-examples": 10}), "lacks"),
+        (lambda: reply(1, good_arrays(1), {"partition-id": 1, "malicious": 0}), "lacks 'num-examples'"),
+        (lambda: reply(1, good_arrays(1), {"num-examples": 10, "partition-id": [1]}), "partition-id must be a number"),
+        (lambda: reply(1, good_arrays(1), {"num-examples": 10, "malicious": [0, 1]}), "malicious must be a number"),
         (lambda: reply(1, good_arrays(1), {"num-examples": -5, "partition-id": 1, "malicious": 0}), "num-examples"),
         (lambda: reply(1, good_arrays(1), {"num-examples": float("inf"), "partition-id": 1, "malicious": 0}), "num-examples"),
         (lambda: reply(1, good_arrays(1), extra={"second": good_arrays(2)}), "exactly 1 ArrayRecord"),
@@ -186,3 +188,61 @@ def test_every_base_strategy_aggregates_and_the_teachers_stay_the_client_models(
         assert np.allclose(outcome.aggregated.state_dict()[FIRST_WEIGHT].numpy(), np.median(stacked, axis=0))
     if mode == "multi_round":
         assert torch.equal(starts[0][FIRST_WEIGHT], outcome.aggregated.state_dict()[FIRST_WEIGHT])
+
+
+# ---- stock client replies (issue 14) --------------------------------------------------
+
+
+def _no_distill(arm, teachers, student, rnd):
+    from abd_fl.distill import DistillResult
+
+    return DistillResult(wall_s=0.0, defense_s=0.0)
+
+
+def test_stock_replies_without_partition_id_or_malicious_are_used(caplog) -> None:
+    """Every stock ClientApp replies with its arrays and ``num-examples`` only."""
+    seen = []
+    strategy = DataFreeKD(FedAvg(fraction_evaluate=0.0), lambda: model(0), lambda: model(0), _no_distill, on_round=seen.append)
+    replies = [reply(n, good_arrays(n), {"num-examples": 10 * n, "train-loss": 0.5}) for n in (3, 1, 2)]
+    with caplog.at_level("INFO", logger="abd_fl"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["num-rejected"] == 0
+    info = seen[0].teacher_info
+    assert [i["node_id"] for i in info] == [1, 2, 3]  # no partition ids: ordered by node id
+    assert all(i["partition_id"] is None and i["malicious"] is None for i in info)
+    assert [i["num_examples"] for i in info] == [10, 20, 30]
+    notes = [r for r in caplog.records if "partition-id" in r.getMessage() or "malicious" in r.getMessage()]
+    assert len(notes) == 1, [r.getMessage() for r in caplog.records]  # one line for the round, not one per reply
+
+
+def test_detection_auc_is_reported_only_when_every_reply_says_whether_it_was_malicious() -> None:
+    from abd_fl.distill import DistillResult
+    from strategies.server_app import detection_report
+
+    teachers = [{"tail_ratio": r, "mean_score": -r, "tail_class_share": 0.5, "found": False} for r in (0.1, 0.5, 0.2)]
+    results = {"abd_student": DistillResult(wall_s=0.0, defense_s=0.0, defense_report={"teachers": teachers})}
+    known = detection_report(results, [False, True, False])
+    assert known["abd_student"]["auc_tail_ratio"] == 1.0 and known["abd_student"]["tail_ratio"] == [0.1, 0.5, 0.2]
+    unknown = detection_report(results, [None, True, False])
+    assert unknown["abd_student"]["tail_ratio"] == [0.1, 0.5, 0.2]
+    assert all(unknown["abd_student"][k] is None for k in ("auc_tail_ratio", "auc_neg_mean_score", "auc_tail_class_share"))
+
+
+def test_the_base_strategys_weight_key_is_required_instead_of_num_examples() -> None:
+    seen = []
+    base = FedAvg(fraction_evaluate=0.0, weighted_by_key="n-samples")
+    strategy = DataFreeKD(base, lambda: model(0), lambda: model(0), _no_distill, mode="multi_round", on_round=seen.append)
+    replies = [
+        reply(1, good_arrays(1), {"n-samples": 1.0}),
+        reply(2, good_arrays(2), {"n-samples": 3.0}),
+        reply(3, good_arrays(3), {"num-examples": 10}),  # lacks the base's weight
+        reply(4, good_arrays(4), {"n-samples": 0.0}),  # weight must be positive
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num-rejected"] == 2
+    reasons = dict(seen[0].rejected)
+    assert "n-samples" in reasons[3] and "n-samples" in reasons[4]
+    expected = (model(1).state_dict()[FIRST_WEIGHT] * 1 + model(2).state_dict()[FIRST_WEIGHT] * 3) / 4
+    assert torch.allclose(seen[0].aggregated.state_dict()[FIRST_WEIGHT], expected, atol=1e-6)
+    assert reply_problem(reply(1, good_arrays(1), {"n-samples": 2}), REF, weight_key="n-samples") is None
+    assert "num-examples" in reply_problem(reply(1, good_arrays(1), {"n-samples": 2}), REF)
