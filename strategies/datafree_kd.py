@@ -137,10 +137,17 @@ class DataFreeKD(Strategy):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # evaluation is server-side (evaluate_fn): clients hold no test data here
+        """The base's client-side evaluation of the global model (the student), unchanged.
+
+        The bases :func:`make_base_strategy` builds have ``fraction_evaluate=0`` (our runs
+        evaluate on the server, ``evaluate_fn``), so they send nothing. In one_shot mode
+        with a student architecture unlike the clients', a client would get arrays its
+        model does not fit."""
+        return self.base.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """The base's aggregation of the clients' evaluation metrics, unchanged."""
+        return self.base.aggregate_evaluate(server_round, replies)
 
     # ---- the data-free KD step --------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

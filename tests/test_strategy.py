@@ -246,3 +246,52 @@ def test_the_base_strategys_weight_key_is_required_instead_of_num_examples() -> 
     assert torch.allclose(seen[0].aggregated.state_dict()[FIRST_WEIGHT], expected, atol=1e-6)
     assert reply_problem(reply(1, good_arrays(1), {"n-samples": 2}), REF, weight_key="n-samples") is None
     assert "num-examples" in reply_problem(reply(1, good_arrays(1), {"n-samples": 2}), REF)
+
+
+# ---- delegation to the base (issue 14) ------------------------------------------------
+
+
+class NodesGrid:
+    """The part of a Grid that the strategies' configure_* use: the connected node ids."""
+
+    def __init__(self, nodes) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_client_side_evaluation_is_delegated_to_the_base() -> None:
+    import random
+
+    from flwr.app import MessageType
+
+    def base():
+        return FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=1, min_available_nodes=1)
+
+    strategy = DataFreeKD(base(), lambda: model(0), lambda: model(0), _no_distill, mode="multi_round")
+    grid, arrays = NodesGrid([4, 5, 6]), good_arrays(0)
+    random.seed(0)
+    ours = list(strategy.configure_evaluate(2, arrays, ConfigRecord({"k": 1}), grid))
+    random.seed(0)
+    theirs = list(base().configure_evaluate(2, arrays, ConfigRecord({"k": 1}), grid))
+    assert [m.metadata.dst_node_id for m in ours] == [m.metadata.dst_node_id for m in theirs] and len(ours) == 3
+    assert all(m.metadata.message_type == MessageType.EVALUATE for m in ours)
+    assert dict(ours[0].content["config"]) == {"k": 1, "server-round": 2}
+    replies = [
+        Message(RecordDict({"metrics": MetricRecord({"num-examples": 10 * n, "eval-acc": 0.1 * n})}), reply_to=m)
+        for n, m in enumerate(ours, 1)
+    ]
+    aggregated = strategy.aggregate_evaluate(2, replies)
+    assert aggregated is not None and dict(aggregated) == dict(base().aggregate_evaluate(2, replies))
+    # the bases the runs build evaluate on the server only
+    off = DataFreeKD(make_base_strategy("fedavg", {}, 3, 1.0), lambda: model(0), lambda: model(0), _no_distill)
+    assert list(off.configure_evaluate(1, arrays, ConfigRecord(), grid)) == [] and off.aggregate_evaluate(1, []) is None
+
+
+def test_summary_is_delegated_to_the_base() -> None:
+    calls = []
+    base = FedAvg(fraction_evaluate=0.0)
+    base.summary = lambda: calls.append("base")
+    DataFreeKD(base, lambda: model(0), lambda: model(0), _no_distill).summary()
+    assert calls == ["base"]
