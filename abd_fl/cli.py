@@ -1,8 +1,8 @@
 """``abd-fl``: the Hydra entry point (the one top-floor module of ``abd_fl``).
 
 Composes the experiment config (``configs/``, overridable from the command line, e.g.
-``abd-fl attack=blend simulation.num_clients=8``), validates it (teacher checkpoints
-included), and runs the ServerApp and ClientApp in Flower's simulation engine with the
+``abd-fl attack=blend simulation.num_clients=8``), validates it (teacher checkpoints and
+the dataset's files included: a problem is one line on stderr and exit code 2), and runs the ServerApp and ClientApp in Flower's simulation engine with the
 Ray backend (client resources and an optional existing Ray cluster address from
 ``simulation.*``), or, by ``runner``, the centralized runner or ``train_teachers``.
 """
@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from abd_fl.checkpoints import CheckpointError
 from abd_fl.config import ConfigError, validate_config
-from abd_fl.experiment import check_teacher_checkpoints, with_absolute_checkpoint_paths
+from abd_fl.data import DatasetNotFoundError
+from abd_fl.experiment import build_bundle, check_teacher_checkpoints, with_absolute_checkpoint_paths
 from abd_fl.paths import configs_dir
 
 
@@ -65,11 +66,15 @@ def main(cfg: DictConfig) -> None:
         validate_config(resolved)
         resolved = with_absolute_checkpoint_paths(resolved)
         check_teacher_checkpoints(resolved)
+        build_bundle(resolved)  # the dataset's files, before Ray starts (cached: the run reuses it in this process)
     except ConfigError as err:
         print(f"abd-fl: config error: {err}", file=sys.stderr)
         sys.exit(2)
     except CheckpointError as err:
         print(f"abd-fl: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (DatasetNotFoundError, ValueError) as err:  # missing files, or files not in the expected format
+        print(f"abd-fl: dataset error: {err}", file=sys.stderr)
         sys.exit(2)
     runner = resolved.get("runner", "federated")
     if runner == "centralized":

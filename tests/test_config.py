@@ -84,3 +84,29 @@ def test_cli_rejects_a_bad_value_before_starting_anything() -> None:
     )
     assert proc.returncode == 2
     assert "config error: attack.poison_rate must be in [0.0, 1.0], got 2" in proc.stderr
+
+
+def test_cli_stops_on_a_missing_dataset_folder_before_ray_starts(tmp_path: Path) -> None:
+    """`abd-fl dataset=cifar10 dataset.root=/nonexist`: one line, exit 2, no simulation started."""
+    from tests.process_cleanup import ProcessScope, describe
+
+    missing = tmp_path / "nonexist"
+    scope = ProcessScope()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "abd_fl.cli", "dataset=cifar10", f"dataset.root={missing}", f"output_dir={tmp_path / 'out'}"],
+            cwd=ROOT,
+            env=scope.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        survivors = scope.stop()  # on failure, whatever the run started (Ray) is stopped
+    assert survivors == [], describe(survivors)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "Starting Flower" not in output and "ray" not in output.lower(), output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("abd-fl:")]
+    assert errors == [f"abd-fl: dataset error: dataset 'cifar10' not found under '{missing}' (expected the torchvision layout, "
+                      f"e.g. {missing / 'cifar-10-batches-py'}); downloads are disabled, place the files there first"]
