@@ -24,6 +24,17 @@ from abd_fl.experiment import build_bundle, check_teacher_checkpoints, with_abso
 from abd_fl.paths import configs_dir
 
 
+QUIET_LOGGERS = ("alembic",)
+"""Libraries whose INFO lines are noise in a run's output: Flower's SQL state imports
+alembic, whose plugin set-up logs at INFO on import (Hydra's root handler prints them)."""
+
+
+def quiet_library_loggers() -> None:
+    """Raise the :data:`QUIET_LOGGERS` to WARNING (call before flwr is imported)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Ray backend settings for Flower's simulation engine."""
     sim = cfg["simulation"]
@@ -61,6 +72,7 @@ def run(cfg: dict[str, Any]) -> None:
 @hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates via Hydra's root handler
+    quiet_library_loggers()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         validate_config(resolved)

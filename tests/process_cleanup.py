@@ -106,7 +106,8 @@ def describe(procs: list[psutil.Process]) -> str:
 def run_simulation_cli(overrides: list[str], out, timeout: float = 420) -> "os.PathLike":
     """Run ``python -m abd_fl.cli <overrides> output_dir=<out>`` (a Ray simulation) inside a
     :class:`ProcessScope`, stop everything it started, assert it succeeded and left nothing
-    running, and return the resolved run directory (``<out>/latest``)."""
+    running, and return the resolved run directory (``<out>/latest``); the CLI's stdout and
+    stderr are kept in ``<out>/cli_output.txt``."""
     import subprocess
     import sys
     from pathlib import Path
@@ -118,6 +119,8 @@ def run_simulation_cli(overrides: list[str], out, timeout: float = 420) -> "os.P
         proc = subprocess.run(cmd, cwd=root, env=scope.env(), capture_output=True, text=True, timeout=timeout)
     finally:
         survivors = scope.stop()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "cli_output.txt").write_text(proc.stdout + proc.stderr)  # for tests of what the CLI prints
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert survivors == [], describe(survivors)
     return (Path(out) / "latest").resolve()

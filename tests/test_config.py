@@ -110,3 +110,18 @@ def test_cli_stops_on_a_missing_dataset_folder_before_ray_starts(tmp_path: Path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("abd-fl:")]
     assert errors == [f"abd-fl: dataset error: dataset 'cifar10' not found under '{missing}' (expected the torchvision layout, "
                       f"e.g. {missing / 'cifar-10-batches-py'}); downloads are disabled, place the files there first"]
+
+
+def test_the_cli_silences_alembics_info_lines() -> None:
+    """Importing Flower's simulation engine imports alembic, whose plugin set-up logs at INFO:
+    under Hydra's root handler that was a screenful of `alembic` lines at every start."""
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from abd_fl.cli import quiet_library_loggers; quiet_library_loggers()\n"
+        "from flwr.simulation import run_simulation\n"
+        "from strategies.server_app import build_server_app\n"
+        "logging.getLogger('abd_fl.probe').info('still logging')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alembic" not in proc.stderr + proc.stdout and "still logging" in proc.stderr

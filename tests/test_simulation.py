@@ -59,3 +59,4 @@ def test_fedmedian_tiny_ray_simulation(tmp_path: Path) -> None:
     for role in ("fedavg", "dfkd_student"):
         assert set(rec[role]) == {"acc", "asr", "asr_floor"}
     assert yaml.safe_load((run / "config.yaml").read_text())["strategy"]["base"] == "fedmedian"
+    assert "alembic" not in (tmp_path / "outputs" / "cli_output.txt").read_text()  # no library chatter at start
