@@ -17,9 +17,11 @@ import shlex
 import time
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from abd_fl.data import DatasetBundle
 from abd_fl.distill import DistillResult, distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
@@ -39,7 +41,7 @@ from abd_fl.experiment import (
 from abd_fl.defense import suspicion_auc
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
-from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
+from strategies.datafree_kd import DataFreeKD, DistillFn, RoundOutcome, load_arrays, make_base_strategy
 from strategies.fedgen import FedGenExtension
 
 log = logging.getLogger("abd_fl")
@@ -108,30 +110,14 @@ def detection_report(distill_results: dict[str, DistillResult], malicious: list[
     return detection
 
 
-def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run the whole federated experiment on ``grid``; returns the summary."""
-    _configure_logging()
-    t_start = time.perf_counter()
-    setup = prepare_run(cfg)
-    device, bundle = setup.device, setup.bundle
-    clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
-    sim = cfg["simulation"]
-    mal_ids = malicious_ids(cfg)
-    schedule = attack_schedule(cfg).by_round(int(sim["rounds"]))
-    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
-    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
-    log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
-    arms = distill_arms(cfg)
-    arm_defense = dict(arms)
+def build_distill_fn(cfg: dict[str, Any], bundle: DatasetBundle, device: torch.device | str) -> DistillFn:
+    """The ServerApp's ``distill_fn(arm, teachers, student, round)``: the data-free KD of
+    ``cfg``'s distill group with the arm's defense (``distill.iterations=0`` leaves the
+    student as it starts: in multi_round mode, the base aggregate)."""
+    arm_defense = dict(distill_arms(cfg))
     fedgen = fedgen_settings(cfg)
 
-    def client_model():
-        return build_named_model(cfg, bundle, "client")
-
-    def student_model():
-        return build_named_model(cfg, bundle, "student")
-
-    def distill_fn(arm: str, teachers, student, server_round: int):
+    def distill_fn(arm: str, teachers, student, server_round: int) -> DistillResult:
         dcfg = distill_config(cfg)
         dcfg.seed = int(cfg["seed"]) * 100 + server_round
         if fedgen is not None:
@@ -157,6 +143,33 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         finally:
             if bar:
                 bar.close()
+
+    return distill_fn
+
+
+def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the whole federated experiment on ``grid``; returns the summary."""
+    _configure_logging()
+    t_start = time.perf_counter()
+    setup = prepare_run(cfg)
+    device, bundle = setup.device, setup.bundle
+    clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
+    sim = cfg["simulation"]
+    mal_ids = malicious_ids(cfg)
+    schedule = attack_schedule(cfg).by_round(int(sim["rounds"]))
+    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
+    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
+    log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
+    arms = distill_arms(cfg)
+    fedgen = fedgen_settings(cfg)
+
+    def client_model():
+        return build_named_model(cfg, bundle, "client")
+
+    def student_model():
+        return build_named_model(cfg, bundle, "student")
+
+    distill_fn = build_distill_fn(cfg, bundle, device)
 
     state: dict[str, Any] = {}
 
