@@ -164,6 +164,15 @@ class DataFreeKD(Strategy):
         t_read = time.perf_counter()
         agg_arrays, agg_metrics = self.base.aggregate_train(server_round, valid)
         t_agg = time.perf_counter()
+        if agg_arrays is None and self.mode == "multi_round":
+            # the base declined this round (e.g. Bulyan with fewer than 4 f + 3 replies): the
+            # student would start from a fresh initialisation, so the global model stays, as the base's would
+            log.warning(
+                "round %d: %s did not aggregate; multi_round mode keeps the global model unchanged (no distillation)",
+                server_round,
+                type(self.base).__name__,
+            )
+            return None, None
         aggregated = load_arrays(self.client_model_fn(), agg_arrays).eval() if agg_arrays is not None else None
 
         students: dict[str, nn.Module] = {}
