@@ -295,3 +295,40 @@ def test_summary_is_delegated_to_the_base() -> None:
     base.summary = lambda: calls.append("base")
     DataFreeKD(base, lambda: model(0), lambda: model(0), _no_distill).summary()
     assert calls == ["base"]
+
+
+def test_stock_replies_through_the_server_app(tmp_path) -> None:
+    """The real ServerApp (``run_server``) and ClientApp (``train``) on an in-memory grid, the
+    replies stripped of ``partition-id`` / ``malicious`` as a stock ClientApp sends them: the
+    round is recorded, without the malicious / benign roles and with None detection AUCs."""
+    import json
+    import random
+
+    from flwr.app import Context
+
+    from abd_fl.paths import compose_config
+    from clients.client_app import train
+    from strategies.server_app import run_server
+
+    class Grid(NodesGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for msg in messages:
+                node = msg.metadata.dst_node_id
+                context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 10}, state=RecordDict(), run_config={})
+                out = train(msg, context)
+                metrics = out.content["metrics"]
+                out.content["metrics"] = MetricRecord({k: v for k, v in metrics.items() if k not in ("partition-id", "malicious")})
+                replies.append(out)
+            return replies
+
+    cfg = compose_config(["experiment=tiny", "strategy=fedmedian", "clean_kd_reference.enabled=false", f"output_dir={tmp_path}"])
+    random.seed(0)
+    summary = run_server(Grid([10, 11, 12]), cfg)
+    assert {"abd_student", "dfkd_student", "ensemble", "fedavg"} <= set(summary)
+    assert "malicious_teacher" not in summary and "benign_teachers" not in summary
+    rec = json.loads((tmp_path / "latest" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["round"] == 1 and rec["rejected"] == [] and rec["attackers"] is None
+    assert [i["node_id"] for i in rec["teacher_info"]] == [10, 11, 12]
+    detection = rec["detection"]["abd_student"]
+    assert len(detection["tail_ratio"]) == 3 and detection["auc_tail_ratio"] is None
