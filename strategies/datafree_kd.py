@@ -1,9 +1,9 @@
 """``DataFreeKD``: server-side data-free knowledge distillation around any Flower strategy.
 
 A wrapper in the style of Flower's differential-privacy wrappers: it delegates
-configuration and aggregation to ``base`` (FedAvg, FedMedian, FedTrimmedAvg, Krum, ...)
-and then distils the clients' models (the teachers) into the global student on the
-server, with no training data:
+configuration, aggregation, client-side evaluation and ``summary`` to ``base`` (FedAvg,
+FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) and then distils the clients'
+models (the teachers) into the global student on the server, with no training data:
 
 - ``one_shot`` (DENSE, Zhang et al. 2022): one round; the student starts fresh.
 - ``multi_round`` (FedFTG-style, Zhang et al. 2022): every round the base aggregate is the
@@ -16,7 +16,11 @@ caller decides the synthesizer and the defense of each *arm*. An optional
 in every reply, the generator trained after the aggregation). The first arm produces the
 global model; further arms (e.g. ``abd_student``) are distilled from the same teachers
 and the same starting point, side by side, for comparison. Every reply is validated
-first (:mod:`strategies.validation`); a bad one is dropped and the round goes on.
+first (:mod:`strategies.validation`); a bad one is dropped and the round goes on. Stock
+ClientApps' replies (arrays and the base's weight, no ``partition-id`` / ``malicious``)
+are accepted. The teachers are read before the base aggregates (some bases empty the
+replies' ArrayRecords). With a neutral KD step (``distill.iterations=0``, multi_round) the
+wrapper returns what the base alone returns (``tests/test_strategy_peers.py``).
 """
 
 from __future__ import annotations
