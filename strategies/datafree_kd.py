@@ -26,6 +26,7 @@ wrapper returns what the base alone returns (``tests/test_strategy_peers.py``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -203,7 +204,6 @@ class DataFreeKD(Strategy):
         metrics["num-rejected"] = len(rejected)
         return ArrayRecord(primary.state_dict()), metrics
 
-
     def _read_teachers(self, server_round: int, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
         """The client models of the valid replies and their per-teacher facts, ordered by
         partition id (by node id when some reply carries none, as stock ClientApps do)."""
@@ -217,7 +217,8 @@ class DataFreeKD(Strategy):
                     "node_id": int(msg.metadata.src_node_id),
                     "partition_id": int(metrics["partition-id"]) if "partition-id" in metrics else None,
                     "malicious": bool(metrics["malicious"]) if "malicious" in metrics else None,
-                    "num_examples": int(metrics["num-examples"]) if "num-examples" in metrics else None,
+                    # validated only when it is the base's weight: read it when it is a number
+                    "num_examples": int(n) if isinstance(n := metrics.get("num-examples"), (int, float)) and math.isfinite(n) else None,
                     **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
                     **(self.extension.reply_info(msg) if self.extension is not None else {}),
                 }
