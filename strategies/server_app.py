@@ -114,6 +114,12 @@ def build_distill_fn(cfg: dict[str, Any], bundle: DatasetBundle, device: torch.d
     """The ServerApp's ``distill_fn(arm, teachers, student, round)``: the data-free KD of
     ``cfg``'s distill group with the arm's defense (``distill.iterations=0`` leaves the
     student as it starts: in multi_round mode, the base aggregate)."""
+    return distill_fn_for_shape(cfg, bundle.train.shape, device)
+
+
+def distill_fn_for_shape(cfg: dict[str, Any], image_shape: tuple[int, int, int], device: torch.device | str) -> DistillFn:
+    """:func:`build_distill_fn` for images of ``image_shape`` (C, H, W), without a dataset:
+    ``cfg`` needs only ``seed``, ``progress``, ``strategy``, ``distill`` and ``defense``."""
     arm_defense = dict(distill_arms(cfg))
     fedgen = fedgen_settings(cfg)
 
@@ -137,7 +143,7 @@ def build_distill_fn(cfg: dict[str, Any], bundle: DatasetBundle, device: torch.d
                 defense=build_defense(cfg, arm_defense[arm], seed=dcfg.seed),
                 config=dcfg,
                 device=device,
-                image_shape=bundle.train.shape,
+                image_shape=image_shape,
                 progress=(lambda it, logs: bar.update(1)) if bar else None,
             )
         finally:
