@@ -72,7 +72,9 @@ def main(grid: Grid, context: Context) -> None:
             "evaluate_by_round": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
             "train_metrics_by_round": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
         }
-        Path(str(cfg["result-file"])).write_text(json.dumps(out, indent=2))
+        path = Path(str(cfg["result-file"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
 
 
 def _load(arrays: ArrayRecord) -> Net:
