@@ -1,8 +1,8 @@
 """``abd-fl``: the Hydra entry point (the one top-floor module of ``abd_fl``).
 
 Composes the experiment config (``configs/``, overridable from the command line, e.g.
-``abd-fl attack=blend simulation.num_clients=8``), validates it (teacher checkpoints
-included), and runs the ServerApp and ClientApp in Flower's simulation engine with the
+``abd-fl attack=blend simulation.num_clients=8``), validates it (teacher checkpoints and
+the dataset's files included: a problem is one line on stderr and exit code 2), and runs the ServerApp and ClientApp in Flower's simulation engine with the
 Ray backend (client resources and an optional existing Ray cluster address from
 ``simulation.*``), or, by ``runner``, the centralized runner or ``train_teachers``.
 """
@@ -19,8 +19,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from abd_fl.checkpoints import CheckpointError
 from abd_fl.config import ConfigError, validate_config
-from abd_fl.experiment import check_teacher_checkpoints, with_absolute_checkpoint_paths
+from abd_fl.data import DatasetNotFoundError
+from abd_fl.experiment import build_bundle, check_teacher_checkpoints, with_absolute_checkpoint_paths
 from abd_fl.paths import configs_dir
+
+
+QUIET_LOGGERS = ("alembic",)
+"""Libraries whose INFO lines are noise in a run's output: Flower's SQL state imports
+alembic, whose plugin set-up logs at INFO on import (Hydra's root handler prints them)."""
+
+
+def quiet_library_loggers() -> None:
+    """Raise the :data:`QUIET_LOGGERS` to WARNING (call before flwr is imported)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -43,33 +55,71 @@ def backend_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: dict[str, Any]) -> None:
     """Run one experiment (already composed, resolved and validated by :func:`main`) in the
     Flower simulation engine."""
-    from flwr.simulation import run_simulation
-
     from clients.client_app import app as client_app
     from strategies.server_app import build_server_app
 
-    run_simulation(
-        server_app=build_server_app(cfg),
-        client_app=client_app,
-        num_supernodes=int(cfg["simulation"]["num_clients"]),
-        backend_name="ray",
-        backend_config=backend_config(cfg),
+    run_in_process_simulation(
+        build_server_app(cfg), client_app, num_supernodes=int(cfg["simulation"]["num_clients"]), backend_config=backend_config(cfg)
     )
+
+
+class _RunSimulationDeprecationFilter(logging.Filter):
+    """Drops Flower's one deprecation warning of ``run_simulation`` (see below)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "The `run_simulation` function is deprecated" not in record.getMessage()
+
+
+def run_in_process_simulation(server_app: Any, client_app: Any, num_supernodes: int, backend_config: dict[str, Any]) -> None:
+    """Run ``server_app`` and ``client_app`` in this process with Flower's Ray backend.
+
+    The one place that calls ``flwr.simulation.run_simulation``, deprecated in Flower 1.42 in
+    favour of ``flwr run``. It stays because 1.42 has no supported in-process replacement:
+    ``flwr run`` packs the app directory into a FAB and hands it to a SuperLink, which runs
+    the ServerApp in a separate ``flwr-simulation`` process and passes it run-config values
+    (TOML scalars) only, whereas ``abd-fl`` hands the ServerApp its composed Hydra config as an
+    object; ``flwr.simulation`` otherwise exports ``run_simulation_process`` (the entry point
+    of that ``flwr-simulation`` process, which needs a running SuperLink) and the legacy
+    ``start_simulation`` (deprecated since 1.13). ``flwr run .`` remains the way to run this
+    app through Flower's CLI (README). Flower's deprecation warning is dropped during this call
+    only (an ``abd-fl`` user did not call ``run_simulation``; the deprecation is ours to act
+    on); no other log line is filtered.
+    """
+    from flwr.simulation import run_simulation
+
+    flwr_logger = logging.getLogger("flwr")
+    quiet = _RunSimulationDeprecationFilter()
+    flwr_logger.addFilter(quiet)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_name="ray",
+            backend_config=backend_config,
+        )
+    finally:
+        flwr_logger.removeFilter(quiet)
 
 
 @hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates via Hydra's root handler
+    quiet_library_loggers()
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
         validate_config(resolved)
         resolved = with_absolute_checkpoint_paths(resolved)
         check_teacher_checkpoints(resolved)
+        build_bundle(resolved)  # the dataset's files, before Ray starts (cached: the run reuses it in this process)
     except ConfigError as err:
         print(f"abd-fl: config error: {err}", file=sys.stderr)
         sys.exit(2)
     except CheckpointError as err:
         print(f"abd-fl: checkpoint error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (DatasetNotFoundError, ValueError) as err:  # missing files, or files not in the expected format
+        print(f"abd-fl: dataset error: {err}", file=sys.stderr)
         sys.exit(2)
     runner = resolved.get("runner", "federated")
     if runner == "centralized":

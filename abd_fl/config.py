@@ -20,7 +20,7 @@ from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
 
-BASE_STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
+BASE_STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 MODES = ("one_shot", "multi_round")
 PRESET_MODES = {"dense": "one_shot", "fedftg": "multi_round", "feddf": "multi_round", "fedgen": "multi_round"}
 """The FL algorithms offered as ``strategy=<name>`` presets, each with the mode it is defined by."""
@@ -103,12 +103,31 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
 
     _validate_attackers(cfg)
     _validate_checkpoints(cfg)
+    _validate_bulyan(strat, sim)
     if strat["mode"] == "one_shot" and sim["rounds"] != 1:
         raise ConfigError(f"strategy.mode=one_shot runs exactly 1 round, got simulation.rounds={sim['rounds']}")
     if strat["mode"] == "multi_round" and model["client"] != model["student"]:
         raise ConfigError(
             "strategy.mode=multi_round distils into the aggregated model, so model.student must equal "
             f"model.client, got student={model['student']} client={model['client']}"
+        )
+
+
+def _validate_bulyan(strat: Mapping[str, Any], sim: Mapping[str, Any]) -> None:
+    """Bulyan aggregates only when a round has at least 4 f + 3 replies (f = ``num_malicious_nodes``);
+    with fewer clients sampled it would skip every round, so the run is refused up front."""
+    if strat["base"] != "bulyan":
+        return
+    params = dict(strat.get("base_params") or {})
+    f = params.get("num_malicious_nodes", 0)
+    _number("strategy.base_params.num_malicious_nodes", f, 0, None, integer=True)
+    n, frac = sim["num_clients"], strat["fraction_train"]
+    sampled = max(int(n * frac), int(params.get("min_train_nodes", max(1, round(frac * n)))))
+    if sampled < 4 * f + 3:
+        raise ConfigError(
+            f"strategy.base=bulyan with num_malicious_nodes={f} needs at least {4 * f + 3} replies per round "
+            f"(4 f + 3), but simulation.num_clients={n} with strategy.fraction_train={frac} samples {sampled}: "
+            "raise simulation.num_clients or lower strategy.base_params.num_malicious_nodes"
         )
 
 

@@ -22,7 +22,7 @@ def _mean(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 def evaluate_round(
     teachers: Sequence[nn.Module],
-    malicious: Sequence[bool],
+    malicious: Sequence[bool | None],
     aggregated: nn.Module | None,
     students: Mapping[str, nn.Module],
     clean_test: ImageData,
@@ -38,8 +38,9 @@ def evaluate_round(
 
     per_teacher = [m(t) for t in teachers]
     out: dict[str, object] = {"teachers": per_teacher}
-    mal = [p for p, flag in zip(per_teacher, malicious) if flag]
-    ben = [p for p, flag in zip(per_teacher, malicious) if not flag]
+    # a teacher whose flag is None (its reply did not say) counts in neither group
+    mal = [p for p, flag in zip(per_teacher, malicious) if flag is not None and flag]
+    ben = [p for p, flag in zip(per_teacher, malicious) if flag is not None and not flag]
     if mal:
         out["malicious_teacher"] = _mean(mal)
     if ben:

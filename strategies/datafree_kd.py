@@ -1,9 +1,9 @@
 """``DataFreeKD``: server-side data-free knowledge distillation around any Flower strategy.
 
 A wrapper in the style of Flower's differential-privacy wrappers: it delegates
-configuration and aggregation to ``base`` (FedAvg, FedMedian, FedTrimmedAvg, Krum, ...)
-and then distils the clients' models (the teachers) into the global student on the
-server, with no training data:
+configuration, aggregation, client-side evaluation and ``summary`` to ``base`` (FedAvg,
+FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan, ...) and then distils the clients'
+models (the teachers) into the global student on the server, with no training data:
 
 - ``one_shot`` (DENSE, Zhang et al. 2022): one round; the student starts fresh.
 - ``multi_round`` (FedFTG-style, Zhang et al. 2022): every round the base aggregate is the
@@ -16,12 +16,17 @@ caller decides the synthesizer and the defense of each *arm*. An optional
 in every reply, the generator trained after the aggregation). The first arm produces the
 global model; further arms (e.g. ``abd_student``) are distilled from the same teachers
 and the same starting point, side by side, for comparison. Every reply is validated
-first (:mod:`strategies.validation`); a bad one is dropped and the round goes on.
+first (:mod:`strategies.validation`); a bad one is dropped and the round goes on. Stock
+ClientApps' replies (arrays and the base's weight, no ``partition-id`` / ``malicious``)
+are accepted. The teachers are read before the base aggregates (some bases empty the
+replies' ArrayRecords). With a neutral KD step (``distill.iterations=0``, multi_round) the
+wrapper returns what the base alone returns (``tests/test_strategy_peers.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
@@ -34,7 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from abd_fl.distill import DistillResult
-from strategies.validation import split_valid_replies
+from strategies.validation import DEFAULT_WEIGHT_KEY, split_valid_replies
 
 log = logging.getLogger("abd_fl")
 
@@ -137,44 +142,47 @@ class DataFreeKD(Strategy):
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # evaluation is server-side (evaluate_fn): clients hold no test data here
+        """The base's client-side evaluation of the global model (the student), unchanged.
+
+        The bases :func:`make_base_strategy` builds have ``fraction_evaluate=0`` (our runs
+        evaluate on the server, ``evaluate_fn``), so they send nothing. In one_shot mode
+        with a student architecture unlike the clients', a client would get arrays its
+        model does not fit."""
+        return self.base.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """The base's aggregation of the clients' evaluation metrics, unchanged."""
+        return self.base.aggregate_evaluate(server_round, replies)
 
     # ---- the data-free KD step --------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t0 = time.perf_counter()
         extra_check = self.extension.reply_problem if self.extension is not None else None
-        valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check)
+        weight_key = str(getattr(self.base, "weighted_by_key", DEFAULT_WEIGHT_KEY))
+        valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check, weight_key)
         if not valid:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
             return None, None
+        # The teachers are read before the base aggregates: FedMedian, FedTrimmedAvg and
+        # Bulyan empty the replies' ArrayRecords while they aggregate.
+        teachers, info = self._read_teachers(server_round, valid)
+        t_read = time.perf_counter()
         agg_arrays, agg_metrics = self.base.aggregate_train(server_round, valid)
         t_agg = time.perf_counter()
-
-        teachers, info = [], []
-        for msg in valid:
-            arrays = next(iter(msg.content.array_records.values()))
-            metrics = next(iter(msg.content.metric_records.values()))
-            teachers.append(load_arrays(self.client_model_fn(), arrays).eval())
-            info.append(
-                {
-                    "node_id": int(msg.metadata.src_node_id),
-                    "partition_id": int(metrics["partition-id"]),
-                    "malicious": bool(metrics["malicious"]),
-                    "num_examples": int(metrics["num-examples"]),
-                    **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
-                    **(self.extension.reply_info(msg) if self.extension is not None else {}),
-                }
+        if agg_arrays is None and self.mode == "multi_round":
+            # the base declined this round (e.g. Bulyan with fewer than 4 f + 3 replies): the
+            # student would start from a fresh initialisation, so the global model stays, as the base's would
+            log.warning(
+                "round %d: %s did not aggregate; multi_round mode keeps the global model unchanged (no distillation)",
+                server_round,
+                type(self.base).__name__,
             )
-        order = np.argsort([i["partition_id"] for i in info])
-        teachers, info = [teachers[i] for i in order], [info[i] for i in order]
+            return None, None
         aggregated = load_arrays(self.client_model_fn(), agg_arrays).eval() if agg_arrays is not None else None
 
         students: dict[str, nn.Module] = {}
         results: dict[str, DistillResult] = {}
-        timings = {"aggregate_s": t_agg - t0}
+        timings = {"aggregate_s": t_agg - t_read, "read_replies_s": t_read - t0}
         extension_logs: dict[str, Any] = {}
         if self.extension is not None:
             t_ext = time.perf_counter()
@@ -196,12 +204,54 @@ class DataFreeKD(Strategy):
         metrics["num-rejected"] = len(rejected)
         return ArrayRecord(primary.state_dict()), metrics
 
+    def _read_teachers(self, server_round: int, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+        """The client models of the valid replies and their per-teacher facts, ordered by
+        partition id (by node id when some reply carries none, as stock ClientApps do)."""
+        teachers, info = [], []
+        for msg in valid:
+            arrays = next(iter(msg.content.array_records.values()))
+            metrics = next(iter(msg.content.metric_records.values()))
+            teachers.append(load_arrays(self.client_model_fn(), arrays).eval())
+            info.append(
+                {
+                    "node_id": int(msg.metadata.src_node_id),
+                    "partition_id": int(metrics["partition-id"]) if "partition-id" in metrics else None,
+                    "malicious": bool(metrics["malicious"]) if "malicious" in metrics else None,
+                    # validated only when it is the base's weight: read it when it is a number
+                    "num_examples": int(n) if isinstance(n := metrics.get("num-examples"), (int, float)) and math.isfinite(n) else None,
+                    **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
+                    **(self.extension.reply_info(msg) if self.extension is not None else {}),
+                }
+            )
+        lacking = [key for key in ("partition_id", "malicious") if any(i[key] is None for i in info)]
+        if lacking:  # one line a round, however many replies lack them
+            n = sum(any(i[key] is None for key in lacking) for i in info)
+            log.info(
+                "round %d: %d of %d replies carry no %s (stock ClientApps send neither)%s%s",
+                server_round,
+                n,
+                len(info),
+                " / ".join(k.replace("_", "-") for k in lacking),
+                "; teachers ordered by node id" if "partition_id" in lacking else "",
+                "; per-client detection AUC not reported" if "malicious" in lacking else "",
+            )
+        key = "node_id" if "partition_id" in lacking else "partition_id"
+        order = np.argsort([i[key] for i in info], kind="stable")
+        return [teachers[i] for i in order], [info[i] for i in order]
+
 
 def make_base_strategy(name: str, params: Mapping[str, Any] | None, num_clients: int, fraction_train: float) -> Strategy:
     """Build a Flower Message-API strategy by config name (client-side evaluation off)."""
     from flwr.serverapp import strategy as fs
 
-    bases = {"fedavg": fs.FedAvg, "fedmedian": fs.FedMedian, "fedtrimmedavg": fs.FedTrimmedAvg, "krum": fs.Krum}
+    bases = {
+        "fedavg": fs.FedAvg,
+        "fedmedian": fs.FedMedian,
+        "fedtrimmedavg": fs.FedTrimmedAvg,
+        "krum": fs.Krum,
+        "multikrum": fs.MultiKrum,
+        "bulyan": fs.Bulyan,
+    }
     if name not in bases:
         raise ValueError(f"unknown strategy.base '{name}'; choose one of: {', '.join(bases)}")
     min_nodes = max(1, int(round(fraction_train * num_clients)))

@@ -11,7 +11,7 @@ code in :mod:`abd_fl.distill.fedgen`. Here, per round:
 - ``reply_problem``: a reply must still carry exactly one ArrayRecord and one MetricRecord
   (the base strategies aggregate "the" ArrayRecord of a reply), so the clients' label
   counts travel in the MetricRecord as ``label-counts``: a list of ``num_classes``
-  non-negative integers summing to ``num-examples``; a reply without them is rejected.
+  non-negative integers summing to ``num-examples`` (when sent); a reply without them is rejected.
 - ``reply_info``: whether a client trained with the regulariser (``fedgen-reg-loss`` in its
   MetricRecord), for ``teacher_info`` in ``metrics.jsonl``.
 - ``after_aggregate``: the generator is trained against the valid clients' heads with
@@ -74,7 +74,7 @@ class FedGenExtension:
             return f"'{LABEL_COUNTS_KEY}' must be a list of {k} counts, got {counts!r:.80}"
         if any(isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0 or c != int(c) for c in counts):
             return f"'{LABEL_COUNTS_KEY}' must hold non-negative integers, got {counts!r:.80}"
-        if sum(counts) != metrics["num-examples"]:
+        if "num-examples" in metrics and sum(counts) != metrics["num-examples"]:
             return f"'{LABEL_COUNTS_KEY}' sum to {sum(counts)}, but num-examples is {metrics['num-examples']}"
         return None
 

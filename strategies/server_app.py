@@ -17,9 +17,11 @@ import shlex
 import time
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from abd_fl.data import DatasetBundle
 from abd_fl.distill import DistillResult, distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
@@ -39,7 +41,7 @@ from abd_fl.experiment import (
 from abd_fl.defense import suspicion_auc
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
-from strategies.datafree_kd import DataFreeKD, RoundOutcome, load_arrays, make_base_strategy
+from strategies.datafree_kd import DataFreeKD, DistillFn, RoundOutcome, load_arrays, make_base_strategy
 from strategies.fedgen import FedGenExtension
 
 log = logging.getLogger("abd_fl")
@@ -76,30 +78,52 @@ def _configure_logging() -> None:
     log.setLevel(logging.INFO)
 
 
-def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Run the whole federated experiment on ``grid``; returns the summary."""
-    _configure_logging()
-    t_start = time.perf_counter()
-    setup = prepare_run(cfg)
-    device, bundle = setup.device, setup.bundle
-    clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
-    sim = cfg["simulation"]
-    mal_ids = malicious_ids(cfg)
-    schedule = attack_schedule(cfg).by_round(int(sim["rounds"]))
-    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
-    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
-    log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
-    arms = distill_arms(cfg)
-    arm_defense = dict(arms)
+def detection_report(distill_results: dict[str, DistillResult], malicious: list[bool | None]) -> dict[str, dict[str, Any]]:
+    """Per arm, the defense's per-teacher suspicion scores and their AUC against the
+    clients' ``malicious`` flags. The AUCs are None when some reply did not carry its flag
+    (a stock ClientApp): detection cannot be scored without the ground truth."""
+    known = None not in malicious
+
+    def auc(scores: list[float]) -> float | None:
+        return suspicion_auc(scores, malicious) if known else None
+
+    detection: dict[str, dict[str, Any]] = {}
+    for arm, result in distill_results.items():
+        teachers_report = result.defense_report.get("teachers") or []
+        # every teacher scored on D_s: by its vaccine search, or (search=off) its unverified vaccine
+        if teachers_report and all(t.get("tail_ratio") is not None for t in teachers_report):
+            ratios = [t["tail_ratio"] for t in teachers_report]
+            shares = [t.get("tail_class_share") or 0.0 for t in teachers_report]  # None: an empty tail
+            detection[arm] = {
+                "tail_ratio": ratios,
+                "mean_score": [t["mean_score"] for t in teachers_report],
+                "tail_class_share": shares,
+                "vaccine_found": [t["found"] for t in teachers_report],
+                "verified": [t.get("verified", True) for t in teachers_report],
+                "auc_tail_ratio": auc(ratios),
+                "auc_neg_mean_score": auc([-t["mean_score"] for t in teachers_report]),
+                "auc_tail_class_share": auc(shares),
+            }
+        flips = [t.get("trigger_flip") for t in teachers_report]
+        if teachers_report and all(f is not None for f in flips):  # defense=abd_ti: the student trigger's flip rate per teacher
+            detection.setdefault(arm, {}).update({"trigger_flip": flips, "auc_trigger_flip": auc(flips)})
+    return detection
+
+
+def build_distill_fn(cfg: dict[str, Any], bundle: DatasetBundle, device: torch.device | str) -> DistillFn:
+    """The ServerApp's ``distill_fn(arm, teachers, student, round)``: the data-free KD of
+    ``cfg``'s distill group with the arm's defense (``distill.iterations=0`` leaves the
+    student as it starts: in multi_round mode, the base aggregate)."""
+    return distill_fn_for_shape(cfg, bundle.train.shape, device)
+
+
+def distill_fn_for_shape(cfg: dict[str, Any], image_shape: tuple[int, int, int], device: torch.device | str) -> DistillFn:
+    """:func:`build_distill_fn` for images of ``image_shape`` (C, H, W), without a dataset:
+    ``cfg`` needs only ``seed``, ``progress``, ``strategy``, ``distill`` and ``defense``."""
+    arm_defense = dict(distill_arms(cfg))
     fedgen = fedgen_settings(cfg)
 
-    def client_model():
-        return build_named_model(cfg, bundle, "client")
-
-    def student_model():
-        return build_named_model(cfg, bundle, "student")
-
-    def distill_fn(arm: str, teachers, student, server_round: int):
+    def distill_fn(arm: str, teachers, student, server_round: int) -> DistillResult:
         dcfg = distill_config(cfg)
         dcfg.seed = int(cfg["seed"]) * 100 + server_round
         if fedgen is not None:
@@ -119,12 +143,39 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 defense=build_defense(cfg, arm_defense[arm], seed=dcfg.seed),
                 config=dcfg,
                 device=device,
-                image_shape=bundle.train.shape,
+                image_shape=image_shape,
                 progress=(lambda it, logs: bar.update(1)) if bar else None,
             )
         finally:
             if bar:
                 bar.close()
+
+    return distill_fn
+
+
+def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run the whole federated experiment on ``grid``; returns the summary."""
+    _configure_logging()
+    t_start = time.perf_counter()
+    setup = prepare_run(cfg)
+    device, bundle = setup.device, setup.bundle
+    clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
+    sim = cfg["simulation"]
+    mal_ids = malicious_ids(cfg)
+    schedule = attack_schedule(cfg).by_round(int(sim["rounds"]))
+    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
+    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
+    log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
+    arms = distill_arms(cfg)
+    fedgen = fedgen_settings(cfg)
+
+    def client_model():
+        return build_named_model(cfg, bundle, "client")
+
+    def student_model():
+        return build_named_model(cfg, bundle, "student")
+
+    distill_fn = build_distill_fn(cfg, bundle, device)
 
     state: dict[str, Any] = {}
 
@@ -142,31 +193,13 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         )
         timings = {**outcome.timings, "evaluate_s": time.perf_counter() - t0}
         malicious = [i["malicious"] for i in outcome.teacher_info]
-        detection = {}
-        for arm, result in outcome.distill_results.items():
-            teachers_report = result.defense_report.get("teachers") or []
-            # every teacher scored on D_s: by its vaccine search, or (search=off) its unverified vaccine
-            if teachers_report and all(t.get("tail_ratio") is not None for t in teachers_report):
-                ratios = [t["tail_ratio"] for t in teachers_report]
-                shares = [t.get("tail_class_share") or 0.0 for t in teachers_report]  # None: an empty tail
-                detection[arm] = {
-                    "tail_ratio": ratios,
-                    "mean_score": [t["mean_score"] for t in teachers_report],
-                    "tail_class_share": shares,
-                    "vaccine_found": [t["found"] for t in teachers_report],
-                    "verified": [t.get("verified", True) for t in teachers_report],
-                    "auc_tail_ratio": suspicion_auc(ratios, malicious),
-                    "auc_neg_mean_score": suspicion_auc([-t["mean_score"] for t in teachers_report], malicious),
-                    "auc_tail_class_share": suspicion_auc(shares, malicious),
-                }
-            flips = [t.get("trigger_flip") for t in teachers_report]
-            if teachers_report and all(f is not None for f in flips):  # defense=abd_ti: the student trigger's flip rate per teacher
-                detection.setdefault(arm, {}).update({"trigger_flip": flips, "auc_trigger_flip": suspicion_auc(flips, malicious)})
+        detection = detection_report(outcome.distill_results, malicious)
         record = {
             "round": outcome.server_round,
             **metrics,
             "teacher_info": outcome.teacher_info,
-            "attackers": [i["partition_id"] for i in outcome.teacher_info if i["malicious"]],
+            # None when some reply did not say whether it attacked (a stock ClientApp)
+            "attackers": None if None in malicious else [i["partition_id"] for i in outcome.teacher_info if i["malicious"]],
             "detection": detection,
             "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
             "distill": {

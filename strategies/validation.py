@@ -2,8 +2,12 @@
 
 A reply must carry exactly one ArrayRecord whose keys, shapes and dtypes match the
 reference model's state dict and whose values are finite, and exactly one MetricRecord
-with a positive ``num-examples``. A bad reply is dropped with a log line naming the node
-and the reason; the round goes on with the others.
+with a positive weight under the base strategy's ``weighted_by_key`` (``num-examples``
+for Flower's strategies unless set otherwise). ``partition-id`` and ``malicious`` (our
+ClientApp's ground truth, used to order the teachers and to score detection) are
+optional, as every stock ClientApp sends neither; when present they must be numbers. A
+bad reply is dropped with a log line naming the node and the reason; the round goes on
+with the others.
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from flwr.app import Message
 
 log = logging.getLogger("abd_fl")
 
-REQUIRED_METRICS = ("num-examples", "partition-id", "malicious")
+DEFAULT_WEIGHT_KEY = "num-examples"
+OPTIONAL_METRICS = ("partition-id", "malicious")
 
 
-def reply_problem(msg: Message, reference: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> str | None:
-    """Why ``msg`` cannot be used (None when it is fine)."""
+def _is_number(value: object) -> bool:
+    return not isinstance(value, (list, bool)) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def reply_problem(
+    msg: Message, reference: Mapping[str, tuple[tuple[int, ...], np.dtype]], weight_key: str = DEFAULT_WEIGHT_KEY
+) -> str | None:
+    """Why ``msg`` cannot be used (None when it is fine); ``weight_key`` is the key the base
+    strategy weighs replies by (its ``weighted_by_key``)."""
     if msg.has_error():
         return f"error reply: {msg.error.reason}"
     content = msg.content
@@ -31,12 +43,14 @@ def reply_problem(msg: Message, reference: Mapping[str, tuple[tuple[int, ...], n
         return f"expected exactly 1 MetricRecord, got {len(content.metric_records)}"
     arrays = next(iter(content.array_records.values()))
     metrics = next(iter(content.metric_records.values()))
-    missing = [k for k in REQUIRED_METRICS if k not in metrics]
-    if missing:
-        return f"MetricRecord lacks {missing}"
-    n = metrics["num-examples"]
-    if isinstance(n, list) or not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
-        return f"num-examples must be a positive number, got {n!r}"
+    if weight_key not in metrics:
+        return f"MetricRecord lacks '{weight_key}' (the key the base strategy weighs replies by)"
+    n = metrics[weight_key]
+    if not (_is_number(n) and n > 0):
+        return f"{weight_key} must be a positive number, got {n!r:.80}"
+    for key in OPTIONAL_METRICS:
+        if key in metrics and not _is_number(metrics[key]):
+            return f"{key} must be a number when sent, got {metrics[key]!r:.80}"
     keys = set(arrays.keys())
     if keys != set(reference):
         extra, lacking = sorted(keys - set(reference)), sorted(set(reference) - keys)
@@ -58,13 +72,14 @@ def split_valid_replies(
     reference: Mapping[str, tuple[tuple[int, ...], np.dtype]],
     server_round: int,
     extra_check: Callable[[Message], str | None] | None = None,
+    weight_key: str = DEFAULT_WEIGHT_KEY,
 ) -> tuple[list[Message], list[tuple[int, str]]]:
     """(valid replies, [(node id, reason) of rejected ones]); logs every rejection.
 
     ``extra_check`` (e.g. FedGen's label counts) runs on replies that pass the common checks."""
     valid, rejected = [], []
     for msg in replies:
-        problem = reply_problem(msg, reference)
+        problem = reply_problem(msg, reference, weight_key)
         if problem is None and extra_check is not None:
             problem = extra_check(msg)
         if problem is None:

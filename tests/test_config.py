@@ -84,3 +84,100 @@ def test_cli_rejects_a_bad_value_before_starting_anything() -> None:
     )
     assert proc.returncode == 2
     assert "config error: attack.poison_rate must be in [0.0, 1.0], got 2" in proc.stderr
+
+
+def test_cli_stops_on_a_missing_dataset_folder_before_ray_starts(tmp_path: Path) -> None:
+    """`abd-fl dataset=cifar10 dataset.root=/nonexist`: one line, exit 2, no simulation started."""
+    from tests.process_cleanup import ProcessScope, describe
+
+    missing = tmp_path / "nonexist"
+    scope = ProcessScope()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "abd_fl.cli", "dataset=cifar10", f"dataset.root={missing}", f"output_dir={tmp_path / 'out'}"],
+            cwd=ROOT,
+            env=scope.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        survivors = scope.stop()  # on failure, whatever the run started (Ray) is stopped
+    assert survivors == [], describe(survivors)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "Starting Flower" not in output and "ray" not in output.lower(), output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("abd-fl:")]
+    assert errors == [f"abd-fl: dataset error: dataset 'cifar10' not found under '{missing}' (expected the torchvision layout, "
+                      f"e.g. {missing / 'cifar-10-batches-py'}); downloads are disabled, place the files there first"]
+
+
+def test_the_cli_silences_alembics_info_lines() -> None:
+    """Importing Flower's simulation engine imports alembic, whose plugin set-up logs at INFO:
+    under Hydra's root handler that was a screenful of `alembic` lines at every start."""
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from abd_fl.cli import quiet_library_loggers; quiet_library_loggers()\n"
+        "from flwr.simulation import run_simulation\n"
+        "from strategies.server_app import build_server_app\n"
+        "logging.getLogger('abd_fl.probe').info('still logging')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alembic" not in proc.stderr + proc.stdout and "still logging" in proc.stderr
+
+
+def test_run_simulation_is_isolated_and_only_its_deprecation_warning_is_dropped(monkeypatch) -> None:
+    """Flower 1.42 deprecates ``run_simulation`` and has no in-process replacement: the CLI
+    calls it in one function, which drops Flower's deprecation warning for that call and
+    nothing else (the real ``run_simulation`` logs it; only the simulation itself is faked)."""
+    import importlib
+    import logging
+    import re
+
+    from abd_fl import cli
+
+    # the module (``flwr.simulation.run_simulation`` as an attribute is the function it defines)
+    flwr_run_simulation = importlib.import_module("flwr.simulation.run_simulation")
+
+    callers = [
+        str(p.relative_to(ROOT))
+        for package in ("abd_fl", "strategies", "clients", "benchmarks", "examples")
+        for p in (ROOT / package).rglob("*.py")
+        if re.search(r"\brun_simulation\(", p.read_text())
+    ]
+    assert callers == ["abd_fl/cli.py"]
+    assert len(re.findall(r"\brun_simulation\(", (ROOT / "abd_fl" / "cli.py").read_text())) == 1
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(record.getMessage())
+
+    flwr_logger = logging.getLogger("flwr")
+    kept = Keep()
+    flwr_logger.addHandler(kept)
+    calls = []
+
+    def fake_simulation(**kwargs):
+        calls.append(kwargs)
+        flwr_logger.warning("another warning during the run")
+
+    monkeypatch.setattr(flwr_run_simulation, "_run_simulation", fake_simulation)
+    monkeypatch.setattr(flwr_run_simulation, "event", lambda *args, **kwargs: None)  # no telemetry
+    try:
+        cli.run_in_process_simulation("server-app", "client-app", num_supernodes=3, backend_config={"init_args": {}})
+        from flwr.supercore.logger import warn_deprecated_feature
+
+        warn_deprecated_feature("The `run_simulation` function is deprecated (logged after the call)")
+    finally:
+        flwr_logger.removeHandler(kept)
+    assert [(c["server_app"], c["client_app"], c["num_supernodes"], c["backend_name"]) for c in calls] == [
+        ("server-app", "client-app", 3, "ray")
+    ]
+    assert "another warning during the run" in kept.lines
+    deprecations = [line for line in kept.lines if "`run_simulation` function is deprecated" in line]
+    assert len(deprecations) == 1 and "logged after the call" in deprecations[0]  # the filter is gone after the call

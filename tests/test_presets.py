@@ -50,7 +50,7 @@ def test_an_experiment_preset_still_applies_on_top_of_a_strategy_preset() -> Non
 def test_the_default_and_the_base_strategy_files_are_unchanged() -> None:
     cfg = compose_config([])
     assert strategy_name(cfg) == "fedavg" and cfg["strategy"]["mode"] == "one_shot" and cfg["distill"]["synthesizer"] == "zskt"
-    for base in ("fedmedian", "fedtrimmedavg", "krum"):
+    for base in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
         c = compose_config([f"strategy={base}"])
         assert strategy_name(c) == base == c["strategy"]["base"] and c["distill"]["synthesizer"] == "zskt"
 
@@ -108,3 +108,40 @@ def test_fedgen_settings_are_validated() -> None:
         validate_config(compose_config(["strategy=fedgen", "+strategy.fedgen.alpha=1"]))
     with pytest.raises(ConfigError, match="unknown strategy.name 'fedprox'"):
         validate_config(compose_config(["strategy.name=fedprox"]))
+
+
+BASE_PRESETS = {
+    # name: Flower Message-API class and the settings the preset gives it
+    "fedavg": ("FedAvg", {}),
+    "fedmedian": ("FedMedian", {}),
+    "fedtrimmedavg": ("FedTrimmedAvg", {"beta": 0.2}),
+    "krum": ("Krum", {"num_malicious_nodes": 2}),
+    "multikrum": ("MultiKrum", {"num_malicious_nodes": 2, "num_nodes_to_select": 4}),
+    "bulyan": ("Bulyan", {"num_malicious_nodes": 1}),
+}
+
+
+@pytest.mark.parametrize("mode", ["one_shot", "multi_round"])
+@pytest.mark.parametrize("name", sorted(BASE_PRESETS))
+def test_each_base_preset_builds_its_flower_strategy_in_both_modes(name: str, mode: str) -> None:
+    from flwr.serverapp import strategy as fs
+
+    from strategies.datafree_kd import make_base_strategy
+
+    rounds = 1 if mode == "one_shot" else 2
+    cfg = compose_config([f"strategy={name}", f"strategy.mode={mode}", f"simulation.rounds={rounds}", "simulation.num_clients=7"])
+    validate_config(cfg)
+    cls, params = BASE_PRESETS[name]
+    assert cfg["strategy"]["base"] == name and cfg["strategy"]["base_params"] == params
+    base = make_base_strategy(name, cfg["strategy"]["base_params"], 7, 1.0)
+    assert type(base) is getattr(fs, cls) and base.fraction_evaluate == 0.0
+    for key, value in params.items():
+        assert getattr(base, key) == value
+
+
+def test_bulyan_refuses_a_run_with_fewer_clients_than_it_needs() -> None:
+    with pytest.raises(ConfigError, match=r"bulyan with num_malicious_nodes=1 needs at least 7 replies per round .* samples 6"):
+        validate_config(compose_config(["strategy=bulyan"]))
+    validate_config(compose_config(["strategy=bulyan", "strategy.base_params.num_malicious_nodes=0"]))
+    with pytest.raises(ConfigError, match="num_malicious_nodes must be an integer"):
+        validate_config(compose_config(["strategy=bulyan", "simulation.num_clients=7", "strategy.base_params.num_malicious_nodes=x"]))

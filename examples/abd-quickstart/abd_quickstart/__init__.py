@@ -1,0 +1,1 @@
+"""abd-quickstart: a stock Flower app whose ServerApp wraps FedAvg in DataFreeKD with ABD."""
