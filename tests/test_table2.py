@@ -4,18 +4,16 @@ one real run of one cell with tiny budgets."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
 from abd_fl.config import validate_config
 from abd_fl.paths import compose_config
+from tests.benchmark_modules import benchmark_module
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 # a centralized run in seconds (a teacher epoch, 2 ZSKT iterations per arm, 2 clean-KD iterations)
 TINY = [
@@ -27,11 +25,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def table2():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("table2")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from benchmark_module("table2")
 
 
 def _rows(text: str) -> dict[str, list[str]]:

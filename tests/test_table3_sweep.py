@@ -4,26 +4,19 @@ finished runs back without running anything."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 from abd_fl.paths import compose_config
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.benchmark_modules import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def table3():
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("table3")
-    finally:
-        sys.path.remove(str(BENCH))
+    yield from benchmark_module("table3")
 
 
 def _value(overrides: list[str], key: str) -> str:
