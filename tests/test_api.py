@@ -153,3 +153,13 @@ def test_a_round_of_stock_replies_with_a_user_model(one_torch_thread) -> None:
     global_state = arrays.to_torch_state_dict()
     for key, value in outcome.students["abd_student"].state_dict().items():
         assert torch.equal(global_state[key], value), key
+
+
+def test_generator_width_sizes_every_generator_and_is_ignored_without_one() -> None:
+    from abd_fl.distill.settings import CMI, DENSE, OOD
+
+    for cls in (ZSKT, DENSE, CMI):
+        assert cls(generator_width=8).build_synthesizer().ngf == 8, cls.NAME
+        assert cls().build_synthesizer().ngf == 64, cls.NAME  # the reference's width by default
+    OOD(generator_width=8).build_synthesizer()  # no generator: nothing to size, no error
+    assert compose_config(["experiment=mnist_central"])["distill"]["generator_width"] == 32

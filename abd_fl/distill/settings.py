@@ -24,6 +24,10 @@ from abd_fl.distill.loop import DistillConfig
 from abd_fl.distill.synthesizers import Synthesizer, build_synthesizer
 
 
+GENERATOR_SYNTHESIZERS = ("zskt", "dense", "cmi")
+"""The synthesizers with a generator, whose width ``generator_width`` sets."""
+
+
 @dataclass
 class ZSKTParams:
     """ZSKT's generator (Micaelli & Storkey, 2019) as the ABD reference runs it
@@ -47,8 +51,6 @@ class ZSKTParams:
     batch_size: int = 128
     output_activation: str = "sigmoid"
     """Images in pixel space [0, 1] (the reference: a BN head in normalised space)."""
-    ngf: int = 64
-    """Generator width."""
     temperature: float = 1.0
 
 
@@ -63,7 +65,6 @@ class DENSEParams:
     bn_weight: float = 1.0
     oh_weight: float = 1.0
     adv_weight: float = 1.0
-    ngf: int = 64
     max_pool_size: int = 20000
 
 
@@ -74,7 +75,6 @@ class CMIParams:
     embedded 8x8 digits on 2 CPU cores (about the wall time of the zskt default)."""
 
     z_dim: int = 256
-    ngf: int = 64
     lr: float = 1e-3
     g_steps: int = 10
     """Generator steps per round (CMI: 200)."""
@@ -147,6 +147,10 @@ class DistillSettings:
     """KD's KL over classes: ``sum`` (per-sample KL) | ``mean`` (a batch x class mean, the reference ZSKT)."""
     attention_beta: float = 0.0
     """ZSKT's attention transfer: student loss + beta * AT (ZSKT uses 250; 0 = off)."""
+    generator_width: Optional[int] = None
+    """Width (``ngf``) of the synthesizer's generator (zskt, dense, cmi); None = 64, the
+    reference's. Ignored by a synthesizer without a generator (ood), so a preset that sizes
+    the generator (``experiment=mnist_central``: 32) composes with every synthesizer."""
 
     NAME: ClassVar[str] = ""
 
@@ -173,7 +177,10 @@ class DistillSettings:
 
     def build_synthesizer(self) -> Synthesizer:
         """A fresh synthesizer (raises ``ValueError`` naming a bad parameter)."""
-        return build_synthesizer(self.synthesizer, **self.params_dict())
+        params = self.params_dict()
+        if self.generator_width is not None and self.synthesizer in GENERATOR_SYNTHESIZERS:
+            params["ngf"] = self.generator_width
+        return build_synthesizer(self.synthesizer, **params)
 
 
 @dataclass
