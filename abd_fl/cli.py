@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from abd_fl.checkpoints import CheckpointError
 from abd_fl.config import ConfigError, validate_config
+from abd_fl.config_store import register_configs
 from abd_fl.data import DatasetNotFoundError
 from abd_fl.experiment import build_bundle, check_teacher_checkpoints, with_absolute_checkpoint_paths
 from abd_fl.paths import configs_dir
@@ -100,6 +101,9 @@ def run_in_process_simulation(server_app: Any, client_app: Any, num_supernodes: 
         )
     finally:
         flwr_logger.removeFilter(quiet)
+
+
+register_configs()  # the typed group schemas the YAML files extend, before Hydra composes
 
 
 @hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)

@@ -14,8 +14,10 @@ from abd_fl.attacks import trigger_names
 from abd_fl.attacks.schedule import ATTACKER_POOLS, schedule_from_config
 from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_checkpoint_paths
 from abd_fl.data import DATASET_NAMES
-from abd_fl.defense import DEFENSE_NAMES, abd_config_for
-from abd_fl.distill import SYNTHESIZERS, build_synthesizer
+from abd_fl.defense import DEFENSE_NAMES
+from abd_fl.defense.settings import defense_settings
+from abd_fl.distill import SYNTHESIZERS
+from abd_fl.distill.settings import distill_settings
 from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
@@ -65,15 +67,15 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.mode", strat["mode"], MODES)
     _validate_strategy_preset(strat)
     _choice("synthesizer", dist["synthesizer"], tuple(SYNTHESIZERS))
-    try:  # each synthesizer checks its parameters (ood: reads its image file) when built
-        build_synthesizer(dist["synthesizer"], **dict(dist.get("synthesizer_params") or {}))
-    except ValueError as err:
+    try:  # the typed group (abd_fl/distill/settings.py); each synthesizer checks its parameters (ood: reads its image file) when built
+        distill_settings(dist).build_synthesizer()
+    except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     _choice("simulation.partition", sim["partition"], PARTITION_SCHEMES)
     defense = cfg.get("defense") or {"name": "none"}
     _choice("defense", defense["name"], DEFENSE_NAMES)
-    try:  # build the defense's settings now, so a bad value fails before any client trains
-        abd_config_for(defense["name"], **dict(defense.get("params") or {}))
+    try:  # every arm's settings now (abd_fl/defense/settings.py), so a bad value fails before any client trains
+        defense_settings(defense).validate()
     except (TypeError, ValueError) as err:
         raise ConfigError(f"bad defense.params: {err}") from None
     _choice("runner", cfg.get("runner", "federated"), RUNNERS)

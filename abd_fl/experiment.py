@@ -21,10 +21,12 @@ from abd_fl.attacks.schedule import AttackSchedule, scale_update, schedule_from_
 from abd_fl.checkpoints import CheckpointError, client_checkpoint_paths, load_teacher
 from abd_fl.config import ConfigError, validate_config
 from abd_fl.data import DatasetBundle, ImageData, load_dataset, partition_indices
-from abd_fl.defense import ABDDefense, abd_config_for
+from abd_fl.defense import ABDDefense
+from abd_fl.defense.settings import defense_settings
 from abd_fl.device import resolve_device
 from abd_fl.metrics import backdoor_metrics
-from abd_fl.distill import DistillConfig, FixedDataSynthesizer, Synthesizer, build_synthesizer, distill
+from abd_fl.distill import DistillConfig, FixedDataSynthesizer, Synthesizer, distill
+from abd_fl.distill.settings import distill_settings
 from abd_fl.distill.fedgen import FedGenConfig, FedGenRegularizer, FeatureGenerator, check_generator_state
 from abd_fl.models import build_model
 from abd_fl.train import ExtraLoss, train_classifier
@@ -295,23 +297,13 @@ def evaluation_sets(cfg: Mapping[str, Any], bundle: DatasetBundle) -> tuple[Imag
 
 
 def distill_config(cfg: Mapping[str, Any]) -> DistillConfig:
-    d = cfg["distill"]
-    return DistillConfig(
-        iterations=int(d["iterations"]),
-        student_steps=int(d["student_steps"]),
-        batch_size=int(d["batch_size"]),
-        lr=float(d["lr"]),
-        temperature=float(d["temperature"]),
-        seed=int(cfg["seed"]),
-        attention_beta=float(d.get("attention_beta", 0.0)),
-        clip_grad_norm=None if d.get("clip_grad_norm") is None else float(d["clip_grad_norm"]),
-        kl_reduction=str(d.get("kl_reduction", "sum")),
-    )
+    """The loop settings of the run's ``distill`` group (:class:`~abd_fl.distill.settings.DistillSettings`)."""
+    return distill_settings(cfg["distill"]).loop_config(seed=int(cfg["seed"]))
 
 
 def build_synthesizer_from_config(cfg: Mapping[str, Any]) -> Synthesizer:
-    d = cfg["distill"]
-    return build_synthesizer(d["synthesizer"], **dict(d.get("synthesizer_params") or {}))
+    """A fresh synthesizer of the run's ``distill`` group."""
+    return distill_settings(cfg["distill"]).build_synthesizer()
 
 
 def clean_kd_images(cfg: Mapping[str, Any], bundle: DatasetBundle) -> torch.Tensor:
@@ -323,30 +315,14 @@ def clean_kd_images(cfg: Mapping[str, Any], bundle: DatasetBundle) -> torch.Tens
 
 
 def distill_arms(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(role, defense name) of every student distilled each round; the first is the global model.
-
-    ``defense=abd`` gives ``abd_student`` (global) and, with ``compare_baseline``, the
-    undefended ``dfkd_student`` from the same teachers and start; ``ablation`` adds
-    ``sv_student`` and ``sr_student``.
-    """
-    d = cfg.get("defense") or {"name": "none"}
-    name = d["name"]
-    if name == "none":
-        return [("dfkd_student", "none")]
-    arms = [(f"{name}_student", name)]
-    if d.get("ablation", False):
-        arms += [(f"{v}_student", v) for v in ("sv", "sr") if v != name]
-    if d.get("compare_baseline", True):
-        arms.append(("dfkd_student", "none"))
-    return arms
+    """(role, defense name) of every student distilled each round; the first is the global
+    model (:meth:`~abd_fl.defense.settings.DefenseSettings.arms`)."""
+    return defense_settings(cfg.get("defense")).arms()
 
 
 def build_defense(cfg: Mapping[str, Any], defense_name: str, seed: int) -> ABDDefense | None:
     """The defense of one distillation arm (None for ``none``)."""
-    params = dict((cfg.get("defense") or {}).get("params") or {})
-    params["sr_config"] = dict(params.get("sr_config") or {})
-    abd_cfg = abd_config_for(defense_name, seed=seed, **params)
-    return None if abd_cfg is None else ABDDefense(abd_cfg)
+    return defense_settings(cfg.get("defense")).build(defense_name, seed=seed)
 
 
 def distill_clean_kd_reference(

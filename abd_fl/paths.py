@@ -14,12 +14,27 @@ def configs_dir() -> Path:
 
 
 def compose_config(overrides: list[str] | None = None) -> dict:
-    """Compose the experiment config with Hydra's compose API (no Hydra run directory)."""
+    """Compose the experiment config with Hydra's compose API (no Hydra run directory).
+
+    A bad override (a wrong type or an unknown key of a typed group) raises
+    :class:`~abd_fl.config.ConfigError` with one line naming the override and the problem."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from abd_fl.config_store import register_configs
+
+    register_configs()
+    from hydra.errors import ConfigCompositionException
+
+    from abd_fl.config import ConfigError
+
     with initialize_config_dir(config_dir=str(configs_dir()), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
+        try:
+            cfg = compose(config_name="config", overrides=list(overrides or []))
+        except ConfigCompositionException as err:  # e.g. a wrong type for a typed group's field: one line
+            head = str(err).strip().splitlines()[0].rstrip(".")
+            cause = str(err.__cause__ or "").strip().splitlines()
+            raise ConfigError(f"{head}: {cause[0]}" if cause else head) from None
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     return resolved

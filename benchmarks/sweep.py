@@ -8,7 +8,8 @@ mean and spread (min-max) of Acc / ASR / ASR floor per role, plus detection AUCs
 
 Each run is a real ``abd-fl`` invocation (Flower + Ray for ``fl``); results land in
 ``outputs/sweeps/<name>/`` (every run's directory, and ``results.md``), written as they
-are produced.
+are produced. A finished run of the same arguments is read back, not run again
+(``--rerun`` runs it anyway), so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rerun", action="store_true", help="run again even where a finished run of the same arguments exists")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / args.setting
@@ -179,7 +181,7 @@ def main() -> None:
     for label, overrides in SETTINGS[args.setting]:
         runs = []
         for seed in args.seeds:
-            runs.append(run_one(out, label, [*overrides, *args.overrides], seed))
+            runs.append(run_one(out, label, [*overrides, *args.overrides], seed, resume=not args.rerun))
             (out / f"{label}-runs.json").write_text(json.dumps(runs, indent=1))
         sections.append(table(f"{args.setting}: {label}", runs))
         (out / "results.md").write_text("\n".join(sections))

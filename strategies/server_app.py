@@ -26,19 +26,19 @@ from abd_fl.distill import DistillResult, distill
 from abd_fl.evaluation import evaluate_round
 from abd_fl.experiment import (
     attack_schedule,
-    build_defense,
     build_feature_generator,
     build_named_model,
-    build_synthesizer_from_config,
     distill_arms,
     distill_clean_kd_reference,
-    distill_config,
     fedgen_settings,
     malicious_ids,
     prepare_run,
     strategy_name,
 )
 from abd_fl.defense import suspicion_auc
+from abd_fl.defense.settings import DefenseSettings, defense_settings
+from abd_fl.distill.fedgen import FedGenConfig
+from abd_fl.distill.settings import DistillSettings, distill_settings
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
 from strategies.datafree_kd import DataFreeKD, DistillFn, RoundOutcome, load_arrays, make_base_strategy
@@ -118,14 +118,39 @@ def build_distill_fn(cfg: dict[str, Any], bundle: DatasetBundle, device: torch.d
 
 
 def distill_fn_for_shape(cfg: dict[str, Any], image_shape: tuple[int, int, int], device: torch.device | str) -> DistillFn:
-    """:func:`build_distill_fn` for images of ``image_shape`` (C, H, W), without a dataset:
-    ``cfg`` needs only ``seed``, ``progress``, ``strategy``, ``distill`` and ``defense``."""
-    arm_defense = dict(distill_arms(cfg))
-    fedgen = fedgen_settings(cfg)
+    """:func:`make_distill_fn` with the typed groups of ``cfg`` (which needs only ``seed``,
+    ``progress``, ``strategy``, ``distill`` and ``defense``), for images of ``image_shape``."""
+    return make_distill_fn(
+        distill_settings(cfg["distill"]),
+        defense_settings(cfg.get("defense")),
+        image_shape,
+        device,
+        seed=int(cfg["seed"]),
+        progress=bool(cfg.get("progress", True)),
+        fedgen=fedgen_settings(cfg),
+    )
+
+
+def make_distill_fn(
+    distill_cfg: DistillSettings,
+    defense_cfg: DefenseSettings,
+    image_shape: tuple[int, int, int],
+    device: torch.device | str,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    fedgen: FedGenConfig | None = None,
+) -> DistillFn:
+    """``distill_fn(arm, teachers, student, round)`` for :class:`DataFreeKD`: the data-free KD
+    of ``distill_cfg`` (Algorithm 1's loop, :func:`abd_fl.distill.distill`) with each arm's
+    defense from ``defense_cfg`` (:meth:`DefenseSettings.arms`), on images of ``image_shape``
+    (C, H, W), seeded per round (``seed * 100 + round``). ``fedgen``: FedGen's settings when
+    the strategy is FedGen (an undefended arm keeps the FedAvg aggregate)."""
+    arm_defense = dict(defense_cfg.arms())
 
     def distill_fn(arm: str, teachers, student, server_round: int) -> DistillResult:
-        dcfg = distill_config(cfg)
-        dcfg.seed = int(cfg["seed"]) * 100 + server_round
+        round_seed = int(seed) * 100 + server_round
+        dcfg = distill_cfg.loop_config(seed=round_seed)
         if fedgen is not None:
             # FedGen: the global model is the FedAvg aggregate (the student starts from it in
             # multi_round mode); only a defended arm repairs it by a data-free distillation
@@ -134,13 +159,13 @@ def distill_fn_for_shape(cfg: dict[str, Any], image_shape: tuple[int, int, int],
                 return DistillResult(wall_s=0.0, defense_s=0.0, defense_report={"fedgen": "FedAvg aggregate, not distilled"})
             if fedgen.defense_iterations is not None:
                 dcfg.iterations = fedgen.defense_iterations
-        bar = _progress_bar(bool(cfg.get("progress", True)), dcfg.iterations, f"round {server_round} {arm}")
+        bar = _progress_bar(progress, dcfg.iterations, f"round {server_round} {arm}")
         try:
             return distill(
                 teachers,
                 student,
-                build_synthesizer_from_config(cfg),
-                defense=build_defense(cfg, arm_defense[arm], seed=dcfg.seed),
+                distill_cfg.build_synthesizer(),
+                defense=defense_cfg.build(arm_defense[arm], seed=round_seed),
                 config=dcfg,
                 device=device,
                 image_shape=image_shape,

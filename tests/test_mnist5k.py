@@ -278,7 +278,7 @@ def test_presets_compose() -> None:
     wrn = compose_config(["experiment=mnist_central", "model=mnist_wrn", "dataset.image_size=32"])
     validate_config(wrn)
     assert (wrn["model"]["client"], wrn["model"]["student"], wrn["model"]["shuffle_layers"]) == ("wrn16_2", "wrn16_1", 5)
-    validate_config(compose_config(["experiment=mnist_central", "distill=ood", "~distill.synthesizer_params.ngf"]))
+    validate_config(compose_config(["experiment=mnist_central", "distill=ood"]))  # generator_width is ignored without a generator
     validate_config(compose_config(["experiment=mnist_fl", "strategy=fedftg", "simulation.rounds=2", "model.student=lenet"]))
 
 
@@ -289,7 +289,7 @@ def test_short_centralized_run(tmp_path: Path, one_torch_thread: None) -> None:
         "experiment=mnist_central", "device=cpu", "progress=false", f"output_dir={tmp_path}",
         "simulation.local_epochs=1", "simulation.local_batch_size=64",
         "distill.iterations=2", "distill.student_steps=2", "distill.batch_size=16",
-        "distill.synthesizer_params.batch_size=16", "distill.synthesizer_params.ngf=8",
+        "distill.synthesizer_params.batch_size=16", "distill.generator_width=8",
         "defense.params.sr_fraction=0.5", "defense.params.sr_config.n_delta=2",
         "clean_kd_reference.iterations=1", "clean_kd_reference.student_steps=1",
     ])

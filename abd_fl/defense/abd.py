@@ -107,48 +107,90 @@ class ABDConfig:
     """Settings of ABD (defaults: the reference's runs, DESIGN.md Sec. 4; README "Design")."""
 
     use_sv: bool = True
+    """Shuffling Vaccine on (the paper's SV; off in defense=abd_ti)."""
     search: str = "off"
+    """off: SV from step 0, never verified (CIFAR-10 sweep, pseudo_test_batches 0) | verify: Algorithm 2's search (GTSRB sweep)"""
     verify_rule: str = "tail_ratio"
+    """search=verify: tail_ratio (the paper's tau > threshold) | tail_class (our data-free test: the tail's class concentration)"""
     class_threshold: float = 0.6
+    """tail_class: accept when this share of the low-score tail has one teacher label ..."""
     min_tail: int = 10
+    """... and the tail holds at least this many samples"""
     surrogate: str = "window"
+    """window: cache every batch of iterations [surrogate_start, surrogate_stop) (reference) | first | latest (older modes)"""
     surrogate_start: int = 11
+    """the reference caches pseudo-batches 11-49 ..."""
     surrogate_stop: int = 50
+    """... and searches at 50"""
     warmup_fraction: float = 0.05
+    """first | latest: share of iterations before the search"""
     surrogate_batches: int = 20
+    """first | latest: batches cached as D_s"""
     num_layers: int = 5
+    """last conv layers whose input channels are shuffled (the last stage)"""
     num_shuffles: int = 3
+    """shuffled copies averaged into T~"""
     threshold: float = 0.02
+    """tail-ratio threshold of the vaccine search"""
     max_tries: int = 8
+    """search=verify: shuffles tried before giving up."""
     generator_coef: float = 0.1
+    """alpha of the generator regulariser (the reference's shuf_teacher)"""
     generator_kl: str = "mean"
+    """the regulariser's KL averaged over classes (reference) | sum"""
     mask: str = "hard"
+    """hard: phi = label match (paper) | soft: phi = p_T~(argmax T) (our calibration option)"""
     generator_norm: str = "flagged"
+    """the regulariser's mean over the flagged samples (reference) | batch: sum over flagged / batch size (ours)"""
     weights: str = "auto"
+    """auto: reference weights on fixed (OOD/real) inputs, none on generator samples (reference) | paper | reference | off"""
     weight_alpha: float = 10.0
+    """paper weights: flagged samples' loss divided by this"""
     weight_coef: float = 0.1
+    """reference weights: -coef on flagged samples"""
     downweight_suspicious: bool = False
+    """Our option: scale the KD loss of flagged samples by downweight_factor."""
     downweight_factor: float = 0.1
     sr: str = "on"
+    """on: SR stage at the end, SV still on (the reference's second stage) | auto: only when no vaccine is found | off"""
     sr_fraction: float = 0.04
+    """last share of iterations with SR (sr_steps, when set, overrides it)"""
     sr_steps: int | None = None
+    """SR stage length in student steps (the reference: the last 400-600 of 80k pseudo-batches = 4-6k steps)"""
     sr_lr: float = 5e-4
+    """the SR stage's fresh student Adam (reference sweep: 1e-4 or 5e-4) ..."""
     sr_schedule: str = "cosine"
+    """... cosine-annealed to 0 over the stage (reference) | constant"""
     sr_every: int = 1
+    """An SR hypergradient every this many student steps of the SR stage."""
     sr_config: SRConfig = field(default_factory=SRConfig)
+    """Self-Retrospection's inner settings (:class:`~abd_fl.defense.retrospection.SRConfig`)."""
     class_balance: float = 0.0
+    """Ours (abd_ti: 0.1): generator loss + coef * sum_c pbar_c log pbar_c (DAFL's information entropy)."""
     inversion: str = "off"
+    """Ours (abd_ti: on): targeted retrospection, scan the student's classes for a trigger ..."""
     inversion_at: list[float] = field(default_factory=lambda: [0.3, 0.6])
+    """... at these shares of the iterations ..."""
     inversion_batches: int = 8
+    """... on the last this many synthetic batches"""
     inversion_steps: int = 150
+    """Adam steps per class, 4 starts (one per quadrant), L1 weight annealed 0.01 -> 0.5 ..."""
     inversion_batch_size: int = 64
+    """... on batches of this size"""
     inversion_keep: float = 0.8
+    """pruning keeps >= this share of the binary mask's flip rate (the purified mask)"""
     inversion_follow: float = 0.1
+    """once a class is suspected, rescan only it every this share of the run"""
     inversion_budget: float = 0.0625
+    """a backdoor target is reached through this share of the pixels (4 at 8x8) ..."""
     inversion_min_flip: float = 0.6
+    """... flipping at least this share of the samples ..."""
     inversion_min_ratio: float = 2.0
+    """... and this many times the median class's rate"""
     purify_fill: str = "inpaint"
+    """the mask's pixels take their unmasked neighbours' mean | zero | mean (the samples')"""
     seed: int = 0
+    """Seed of the defense's own randomness (shuffles, SR portions, inversion starts)."""
 
     def __post_init__(self) -> None:
         choices = {

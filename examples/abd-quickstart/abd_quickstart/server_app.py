@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from abd_fl.metrics import backdoor_metrics
 from abd_quickstart.task import IMAGE_SHAPE, TARGET, Net, eval_sets
-from strategies.builder import datafree_kd
+from strategies.api import ZSKT, ZSKTParams, datafree_kd, defense_preset
 
 app = ServerApp()
 
@@ -42,15 +42,18 @@ def main(grid: Grid, context: Context) -> None:
             print(f"round {outcome.server_round}: {arm:13s} acc {m['acc']:.3f}  asr {m['asr']:.3f}", flush=True)
 
     # FedAvg, as in any Flower app, wrapped: the server distils the clients' models with ABD
+    batch = int(cfg["distill-batch-size"])
     strategy = datafree_kd(
         FedAvg(fraction_evaluate=0.0),  # evaluation happens on the server (evaluate_fn)
         Net,
         IMAGE_SHAPE,
-        defense=str(cfg["defense"]),
-        compare_baseline=bool(cfg["compare-baseline"]),
-        iterations=int(cfg["distill-iterations"]),
-        student_steps=int(cfg["distill-student-steps"]),
-        batch_size=int(cfg["distill-batch-size"]),
+        distill=ZSKT(  # the synthesizer and the KD budgets; every other value is the shipped default
+            iterations=int(cfg["distill-iterations"]),
+            student_steps=int(cfg["distill-student-steps"]),
+            batch_size=batch,
+            synthesizer_params=ZSKTParams(batch_size=batch),
+        ),
+        defense=defense_preset(str(cfg["defense"]), compare_baseline=bool(cfg["compare-baseline"])),
         seed=seed,
         on_round=on_round,
     )

@@ -1,0 +1,165 @@
+"""``strategies.api``: the typed Python API (``datafree_kd`` with ``ZSKT(...)``, ``defense_preset(...)``)
+around a Flower strategy, without Hydra (the example app's ServerApp uses it); its settings are
+the very schemas Hydra's groups extend."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from abd_fl.config import ConfigError
+from abd_fl.defense.settings import defense_settings
+from abd_fl.distill.settings import distill_settings
+from abd_fl.paths import compose_config
+from strategies.api import (
+    ABD_TI_PARAMS,
+    DISTILL_PRESETS,
+    ZSKT,
+    DataFreeKD,
+    DefenseSettings,
+    ZSKTParams,
+    datafree_kd,
+    defense_preset,
+)
+
+
+@pytest.fixture(autouse=True)
+def server_task_identity(monkeypatch):
+    """Messages need the identity Flower sets in a running ServerApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+
+
+class UserNet(nn.Module):
+    """A user's own model (not from abd_fl's registry): two convs, BatchNorm, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("defense", ["abd", "sv", "sr", "abd_ti", "none"])
+def test_each_defense_preset_is_its_hydra_group(defense: str) -> None:
+    """The object the API builds and the group Hydra composes are the same values (one source)."""
+    hydra = compose_config([f"defense={defense}"])
+    ours = asdict(defense_preset(defense, num_layers=hydra["model"]["shuffle_layers"]))
+    assert ours == hydra["defense"]
+    assert defense_settings(hydra["defense"]) == defense_preset(defense, num_layers=hydra["model"]["shuffle_layers"])
+
+
+@pytest.mark.parametrize("distill", ["zskt", "dense", "cmi", "ood"])
+def test_each_distill_class_is_its_hydra_group(distill: str) -> None:
+    hydra = compose_config([f"distill={distill}"])["distill"]
+    assert asdict(DISTILL_PRESETS[distill]()) == hydra
+    assert distill_settings(hydra) == DISTILL_PRESETS[distill]()
+
+
+def test_abd_ti_differs_from_abd_only_by_its_documented_params() -> None:
+    abd, ti = asdict(defense_preset("abd").params), asdict(defense_preset("abd_ti").params)
+    assert {k for k in abd if abd[k] != ti[k]} == set(ABD_TI_PARAMS)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("distill.iterations=abc", "could not be converted to Integer"),
+        ("distill.synthesizer_params.nope=1", "nope"),
+        ("defense.params.sr_steps=x", "could not be converted to Integer"),
+        ("defense.params.sr_config.n_delta=1.5", "could not be converted to Integer"),
+        ("defense.params.use_sv=maybe", "is not a valid bool"),
+    ],
+)
+def test_omegaconf_refuses_a_wrong_type_or_key_when_composing(override: str, message: str) -> None:
+    """Type errors are caught by the schema at composition, before any hand-written check."""
+    with pytest.raises(ConfigError, match=message) as err:
+        compose_config([override])
+    assert "\n" not in str(err.value) and override.split("=")[0] in str(err.value)  # one line, naming the key
+
+
+def test_typed_settings_and_changes() -> None:
+    z = ZSKT(iterations=7, student_steps=3, batch_size=16, synthesizer_params=ZSKTParams(batch_size=16))
+    loop = z.loop_config(seed=5)
+    assert (loop.iterations, loop.student_steps, loop.batch_size, loop.seed, loop.kl_reduction) == (7, 3, 16, 5, "mean")
+    d = defense_preset("abd", compare_baseline=False, num_layers=2, sr_config={"n_delta": 3})
+    assert d.params.num_layers == 2 and d.params.sr_config.n_delta == 3 and d.arms() == [("abd_student", "abd")]
+    assert defense_preset("abd", ablation=True).arms() == [
+        ("abd_student", "abd"), ("sv_student", "sv"), ("sr_student", "sr"), ("dfkd_student", "none")
+    ]
+    with pytest.raises(ValueError, match=r"unknown defense setting\(s\) \['nope'\]"):
+        defense_preset("abd", nope=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"defense": "nope"}, "unknown defense 'nope'"),
+        ({"distill": "nope"}, "unknown distill 'nope'"),
+        ({"distill": ZSKT(iterations=-1)}, "distill.iterations"),
+        ({"distill": ZSKT(synthesizer_params=ZSKTParams(student_bn="both"))}, "unknown zskt student_bn 'both'"),
+        ({"defense": DefenseSettings(name="sv2")}, "unknown defense 'sv2'"),
+        ({"image_shape": (8, 8)}, "image_shape"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"mode": "often"}, "unknown DataFreeKD mode"),
+    ],
+)
+def test_bad_settings_fail_when_built(kwargs: dict, message: str) -> None:
+    args = {"image_shape": (1, 8, 8), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        datafree_kd(FedAvg(), UserNet, **args)
+
+
+def test_a_bad_abd_value_fails_when_built() -> None:
+    with pytest.raises(ValueError, match="defense.num_layers must be an integer >= 1, got 0"):
+        datafree_kd(FedAvg(), UserNet, (1, 8, 8), defense=defense_preset("abd", num_layers=0))
+
+
+def test_a_round_of_stock_replies_with_a_user_model(one_torch_thread) -> None:
+    """Stock replies (arrays, num-examples, train-loss) of a user's model: FedAvg aggregates,
+    ABD's student and the undefended one are distilled, the global model is ABD's."""
+    seen = []
+    strategy = datafree_kd(
+        FedAvg(fraction_evaluate=0.0),
+        UserNet,
+        (1, 8, 8),
+        distill=ZSKT(iterations=3, student_steps=1, batch_size=16, synthesizer_params=ZSKTParams(batch_size=16)),
+        defense=defense_preset("abd", compare_baseline=True),
+        device="cpu",
+        on_round=seen.append,
+    )
+    assert isinstance(strategy, DataFreeKD) and strategy.arms == ("abd_student", "dfkd_student")
+    assert strategy.mode == "multi_round"
+    replies = []
+    for node in (1, 2, 3):
+        torch.manual_seed(node)
+        instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
+        content = RecordDict({"arrays": ArrayRecord(UserNet().state_dict()), "metrics": MetricRecord({"num-examples": 10 * node, "train-loss": 1.0})})
+        replies.append(Message(content, reply_to=instruction))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["num-rejected"] == 0
+    (outcome,) = seen
+    assert sorted(outcome.students) == ["abd_student", "dfkd_student"] and len(outcome.teachers) == 3
+    assert outcome.distill_results["abd_student"].defense_report  # ABD ran
+    global_state = arrays.to_torch_state_dict()
+    for key, value in outcome.students["abd_student"].state_dict().items():
+        assert torch.equal(global_state[key], value), key
+
+
+def test_generator_width_sizes_every_generator_and_is_ignored_without_one() -> None:
+    from abd_fl.distill.settings import CMI, DENSE, OOD
+
+    for cls in (ZSKT, DENSE, CMI):
+        assert cls(generator_width=8).build_synthesizer().ngf == 8, cls.NAME
+        assert cls().build_synthesizer().ngf == 64, cls.NAME  # the reference's width by default
+    OOD(generator_width=8).build_synthesizer()  # no generator: nothing to size, no error
+    assert compose_config(["experiment=mnist_central"])["distill"]["generator_width"] == 32
