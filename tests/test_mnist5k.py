@@ -263,7 +263,7 @@ def test_presets_compose() -> None:
     assert cfg["defense"]["params"]["num_layers"] == 1  # SV shuffles the lenet's last stage
     assert cfg["attack"]["trigger"] == "badnets_square" and cfg["attack"]["poison_rate"] == 0.1
     assert cfg["distill"]["synthesizer"] == "zskt" and cfg["distill"]["student_steps"] == 10
-    assert cfg["distill"]["iterations"] == 300 and cfg["distill"]["synthesizer_params"]["ngf"] == 32
+    assert cfg["distill"]["iterations"] == 300 and cfg["distill"]["generator_width"] == 32
     assert cfg["simulation"]["local_epochs"] == 10 and cfg["clean_kd_reference"]["iterations"] == 100
 
     fl = compose_config(["experiment=mnist_fl"])

@@ -295,8 +295,8 @@ def test_short_distillation_runs_end_to_end(name: str, defended: bool) -> None:
     teachers = [tiny_model(20, shape, "cnn"), tiny_model(21, shape, "cnn")]
     student = tiny_model(22, shape)
     before = [p.detach().clone() for p in student.parameters()]
-    small = ["g_steps=2", "batch_size=16", "z_dim=16", "ngf=8"] if name == "cmi" else ["num_patches=64", "batch_size=8"]
-    cfg = compose_config([f"distill={name}", *(f"distill.synthesizer_params.{kv}" for kv in small)])
+    small = ["g_steps=2", "batch_size=16", "z_dim=16"] if name == "cmi" else ["num_patches=64", "batch_size=8"]
+    cfg = compose_config([f"distill={name}", "distill.generator_width=8", *(f"distill.synthesizer_params.{kv}" for kv in small)])
     synth = build_synthesizer_from_config(cfg)  # the shipped config's parameters, smaller budgets
     defense = None
     if defended:
