@@ -22,7 +22,7 @@ from abd_fl.config import ConfigError, validate_config
 from abd_fl.config_store import register_configs
 from abd_fl.data import DatasetNotFoundError
 from abd_fl.experiment import build_bundle, check_teacher_checkpoints, with_absolute_checkpoint_paths
-from abd_fl.paths import configs_dir
+from abd_fl.paths import compose_config, configs_dir
 
 
 QUIET_LOGGERS = ("alembic",)
@@ -106,8 +106,34 @@ def run_in_process_simulation(server_app: Any, client_app: Any, num_supernodes: 
 register_configs()  # the typed group schemas the YAML files extend, before Hydra composes
 
 
+def _typed_override_problem(argv: list[str]) -> str | None:
+    """The one-line problem of a command line's overrides that the typed group schemas refuse
+    (a wrong type or an unknown key: :func:`abd_fl.paths.compose_config`), or None. Multirun
+    command lines (sweep syntax) and anything else Hydra reports itself are left to Hydra."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return None
+    overrides = [a for a in argv if "=" in a and not a.startswith("-") and "hydra." not in a.split("=", 1)[0]]
+    try:
+        compose_config(overrides)
+    except ConfigError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - Hydra composes again in _hydra_main and reports it in its own words
+        return None
+    return None
+
+
+def main() -> None:
+    """``abd-fl [overrides]``: a wrong type or unknown key in an override is one line on stderr
+    and exit code 2 (as every other config error), before Hydra starts; then the Hydra run."""
+    problem = _typed_override_problem(sys.argv[1:])
+    if problem is not None:
+        print(f"abd-fl: config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
 @hydra.main(config_path=str(configs_dir()), config_name="config", version_base=None)
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates via Hydra's root handler
     quiet_library_loggers()
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -86,6 +86,21 @@ def test_cli_rejects_a_bad_value_before_starting_anything() -> None:
     assert "config error: attack.poison_rate must be in [0.0, 1.0], got 2" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("distill.iterations=abc", "distill.iterations=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("defense.params.nope=1", "Key 'nope' not in 'ABDConfig'"),
+    ],
+)
+def test_cli_refuses_a_wrong_type_or_key_of_a_typed_group_in_one_line(override: str, message: str) -> None:
+    """The typed schemas' refusals reach the user as every config error does: one line, exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "abd_fl.cli", override], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("abd-fl: config error: ") and message in lines[0], proc.stderr
+
+
 def test_cli_stops_on_a_missing_dataset_folder_before_ray_starts(tmp_path: Path) -> None:
     """`abd-fl dataset=cifar10 dataset.root=/nonexist`: one line, exit 2, no simulation started."""
     from tests.process_cleanup import ProcessScope, describe
