@@ -16,7 +16,6 @@ from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_chec
 from abd_fl.data import DATASET_NAMES
 from abd_fl.defense import DEFENSE_NAMES
 from abd_fl.defense.settings import defense_settings
-from abd_fl.distill import SYNTHESIZERS
 from abd_fl.distill.settings import distill_settings
 from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.data.partition import PARTITION_SCHEMES
@@ -66,8 +65,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.base", strat["base"], BASE_STRATEGIES)
     _choice("strategy.mode", strat["mode"], MODES)
     _validate_strategy_preset(strat)
-    _choice("synthesizer", dist["synthesizer"], tuple(SYNTHESIZERS))
-    try:  # the typed group (abd_fl/distill/settings.py); each synthesizer checks its parameters (ood: reads its image file) when built
+    try:  # the typed group (abd_fl/distill/settings.py: the synthesizer's name first); each synthesizer checks its parameters (ood: reads its image file) when built
         distill_settings(dist).build_synthesizer()
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None

@@ -159,7 +159,7 @@ def test_generator_width_sizes_every_generator_and_is_ignored_without_one() -> N
     from abd_fl.distill.settings import CMI, DENSE, OOD
 
     for cls in (ZSKT, DENSE, CMI):
-        assert cls(generator_width=8).build_synthesizer().ngf == 8, cls.NAME
-        assert cls().build_synthesizer().ngf == 64, cls.NAME  # the reference's width by default
+        assert cls(generator_width=8).build_synthesizer().ngf == 8, cls.synthesizer
+        assert cls().build_synthesizer().ngf == 64, cls.synthesizer  # the reference's width by default
     OOD(generator_width=8).build_synthesizer()  # no generator: nothing to size, no error
     assert compose_config(["experiment=mnist_central"])["distill"]["generator_width"] == 32

@@ -7,11 +7,10 @@ and the Python API (``strategies.api``) builds the same objects.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from abd_fl.defense.abd import DEFENSE_NAMES, ABDConfig, ABDDefense, abd_config_for
-from abd_fl.defense.retrospection import SRConfig
 
 ABD_TI_PARAMS: dict[str, Any] = {
     "use_sv": False,  # no Shuffling Vaccine ...
@@ -74,6 +73,18 @@ class DefenseSettings:
             self.config_for(name, seed=0)
 
 
+_TOP_KEYS = {f.name for f in fields(DefenseSettings)} - {"name", "params"}
+_ABD_KEYS = {f.name for f in fields(ABDConfig)}
+
+
+def _abd_params(params: dict[str, Any]) -> ABDConfig:
+    """ABD's settings from keyword values (``sr_config`` may be a dict), validated: ABD's own
+    constructor, :func:`~abd_fl.defense.abd.abd_config_for` (whose ``abd`` leaves them as given)."""
+    cfg = abd_config_for("abd", **params)
+    assert cfg is not None
+    return cfg
+
+
 def defense_preset(name: str, **changes: Any) -> DefenseSettings:
     """``configs/defense/<name>.yaml`` as an object: ``abd`` / ``sv`` / ``sr`` / ``none``
     (ABD's defaults, the reference's runs) or ``abd_ti`` (:data:`ABD_TI_PARAMS`), with
@@ -81,17 +92,12 @@ def defense_preset(name: str, **changes: Any) -> DefenseSettings:
     to ABD's parameters (any :class:`ABDConfig` field, e.g. ``num_layers=2``)."""
     if name not in DEFENSE_NAMES:
         raise ValueError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSE_NAMES)}")
-    params = ABDConfig(**ABD_TI_PARAMS) if name == "abd_ti" else ABDConfig()
-    top = {f.name for f in fields(DefenseSettings)} - {"name", "params"}
-    abd_keys = {f.name for f in fields(ABDConfig)}
-    unknown = sorted(set(changes) - top - abd_keys)
+    unknown = sorted(set(changes) - _TOP_KEYS - _ABD_KEYS)
     if unknown:
-        raise ValueError(f"unknown defense setting(s) {unknown}; known: {', '.join(sorted(top | abd_keys))}")
-    param_changes = {k: v for k, v in changes.items() if k in abd_keys}
-    if isinstance(param_changes.get("sr_config"), Mapping):
-        param_changes["sr_config"] = SRConfig(**param_changes["sr_config"])
-    params = replace(params, **param_changes)
-    return DefenseSettings(name=name, params=params, **{k: v for k, v in changes.items() if k in top})
+        raise ValueError(f"unknown defense setting(s) {unknown}; known: {', '.join(sorted(_TOP_KEYS | _ABD_KEYS))}")
+    base = ABD_TI_PARAMS if name == "abd_ti" else {}
+    params = _abd_params({**base, **{k: v for k, v in changes.items() if k in _ABD_KEYS}})
+    return DefenseSettings(name=name, params=params, **{k: v for k, v in changes.items() if k in _TOP_KEYS})
 
 
 DEFENSE_PRESETS: dict[str, DefenseSettings] = {name: defense_preset(name) for name in DEFENSE_NAMES}
@@ -104,16 +110,12 @@ def defense_settings(group: Mapping[str, Any] | None) -> DefenseSettings:
     group = dict(group or {"name": "none"})
     name = group.pop("name", "none")
     params = dict(group.pop("params", None) or {})
-    top = {f.name for f in fields(DefenseSettings)} - {"name", "params"}
-    unknown = sorted(set(group) - top)
+    unknown = sorted(set(group) - _TOP_KEYS)
     if unknown:
-        raise ValueError(f"unknown defense key(s) {unknown}; known: name, params, {', '.join(sorted(top))}")
-    abd_keys = {f.name for f in fields(ABDConfig)}
-    bad = sorted(set(params) - abd_keys)
+        raise ValueError(f"unknown defense key(s) {unknown}; known: name, params, {', '.join(sorted(_TOP_KEYS))}")
+    bad = sorted(set(params) - _ABD_KEYS)
     if bad:
         raise ValueError(f"unknown defense.params key(s) {bad}")
     if name not in DEFENSE_NAMES:
         raise ValueError(f"unknown defense '{name}'; choose one of: {', '.join(DEFENSE_NAMES)}")
-    sr = params.pop("sr_config", None)
-    abd = ABDConfig(**params, sr_config=SRConfig(**sr) if isinstance(sr, Mapping) else (sr or SRConfig()))
-    return DefenseSettings(name=name, params=abd, **group)
+    return DefenseSettings(name=name, params=_abd_params(params), **group)

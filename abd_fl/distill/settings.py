@@ -18,7 +18,7 @@ synthesizer, both validating their values.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from abd_fl.distill.loop import DistillConfig
 from abd_fl.distill.synthesizers import Synthesizer, build_synthesizer
@@ -152,8 +152,6 @@ class DistillSettings:
     reference's. Ignored by a synthesizer without a generator (ood), so a preset that sizes
     the generator (``experiment=mnist_central``: 32) composes with every synthesizer."""
 
-    NAME: ClassVar[str] = ""
-
     def loop_config(self, seed: int) -> DistillConfig:
         """The distillation loop's settings (validated) for a run seeded with ``seed``."""
         return DistillConfig(
@@ -188,7 +186,6 @@ class ZSKT(DistillSettings):
     """ZSKT (Micaelli & Storkey, 2019) at the ABD reference's settings: the student's KD KL
     as a batch x class mean, gradient norms clipped to 5 (``zskt/solver.py``)."""
 
-    NAME: ClassVar[str] = "zskt"
     synthesizer: str = "zskt"
     synthesizer_params: ZSKTParams = field(default_factory=ZSKTParams)
     iterations: int = 500
@@ -202,7 +199,6 @@ class ZSKT(DistillSettings):
 class DENSE(DistillSettings):
     """DENSE (Zhang et al., NeurIPS 2022): a generator with a sample pool, KD at temperature 4."""
 
-    NAME: ClassVar[str] = "dense"
     synthesizer: str = "dense"
     synthesizer_params: DENSEParams = field(default_factory=DENSEParams)
     iterations: int = 150
@@ -214,7 +210,6 @@ class DENSE(DistillSettings):
 class CMI(DistillSettings):
     """CMI (Fang et al., IJCAI 2021): contrastive model inversion with an image pool."""
 
-    NAME: ClassVar[str] = "cmi"
     synthesizer: str = "cmi"
     synthesizer_params: CMIParams = field(default_factory=CMIParams)
     iterations: int = 200
@@ -226,7 +221,6 @@ class CMI(DistillSettings):
 class OOD(DistillSettings):
     """KD on out-of-distribution patches of one photo (Asano & Saeed, 2021)."""
 
-    NAME: ClassVar[str] = "ood"
     synthesizer: str = "ood"
     synthesizer_params: OODParams = field(default_factory=OODParams)
     iterations: int = 500
@@ -234,7 +228,7 @@ class OOD(DistillSettings):
     temperature: float = 4.0
 
 
-DISTILL_PRESETS: dict[str, type[DistillSettings]] = {cls.NAME: cls for cls in (ZSKT, DENSE, CMI, OOD)}
+DISTILL_PRESETS: dict[str, type[DistillSettings]] = {cls.synthesizer: cls for cls in (ZSKT, DENSE, CMI, OOD)}
 """``distill=<name>``: the settings class of each shipped group file."""
 
 
