@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/table1.py                      # all ten triggers, seed 0
     .venv/bin/python benchmarks/table1.py --triggers sig cl --seeds 0 1
+    .venv/bin/python benchmarks/table1.py --report             # the table from finished runs only
 
 Per trigger it runs, as real ``abd-fl`` invocations:
 
@@ -15,7 +16,10 @@ Per trigger it runs, as real ``abd-fl`` invocations:
 Writes ``outputs/sweeps/table1/``: every run's directory, ``results.md`` (rewritten after
 every run, so nothing computed is lost), ``triggers.png`` (Figure-5-style grid with each
 poisoned teacher's Acc/ASR under its trigger) and ``asr.png`` (ASR per trigger and model,
-floors hatched).
+floors hatched). Every finished FL run's summary, metrics and resolved config are also
+copied to the tracked ``benchmarks/results/table1/`` (runs with extra overrides are not), with
+the teachers' scores and the latest ``results.md``; a finished run found in either place is
+read back instead of run again (``--rerun`` runs everything again).
 """
 
 from __future__ import annotations
@@ -28,19 +32,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import ROOT, fmt, run_one  # noqa: E402
+from sweep import ROOT, RunFailed, fmt, run_one  # noqa: E402
 
 TRIGGERS = (
     "badnets_grid", "badnets_square", "blend", "sig", "trojan_3x3", "trojan_8x8", "trojan_wm", "l0_inv", "l2_inv", "cl",
 )
 CLEAN_LABEL = ("sig", "cl")  # poison only target-class images: rate = share of the target class
 CLEAN_LABEL_RATE = 0.5
+DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "table1"
 STUDENTS = (("dfkd_student", "DFKD student"), ("abd_student", "+ABD student"), ("clean_kd_reference", "clean KD"))
 
 
-def train_teacher(out: Path, trigger: str, seed: int) -> dict:
-    """Train the centralized poisoned teacher of ``trigger`` (``none`` = clean) and read its metrics."""
+def train_teacher(out: Path, trigger: str, seed: int, resume: bool = True) -> dict:
+    """Train the centralized poisoned teacher of ``trigger`` (``none`` = clean) and read its metrics
+    (``resume``: a teacher already trained in ``out`` is read back)."""
     run_out = out / f"teacher-{trigger}-seed{seed}"
+    done = sorted(run_out.glob("*/teachers.json"))
+    if resume and done:  # a finished teacher run is read back, not trained again
+        return json.loads(done[-1].read_text())["teachers"]["central"]
     attack = ["attack=none"] if trigger == "none" else [f"attack={trigger}"]
     if trigger in CLEAN_LABEL:
         attack.append(f"attack.poison_rate={CLEAN_LABEL_RATE}")
@@ -136,30 +145,61 @@ def main() -> None:
     parser.add_argument("--triggers", nargs="+", default=list(TRIGGERS), choices=TRIGGERS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip-fl", action="store_true", help="only train and score the centralized teachers")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run every teacher and FL run again (default: a finished run of the same arguments "
+                             "in outputs/sweeps/table1/ is read back, so an interrupted sweep resumes)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every FL run")
+    parser.add_argument("--report", action="store_true",
+                        help="only rebuild results.md and the figures from finished runs; start none")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "table1"
     out.mkdir(parents=True, exist_ok=True)
+    archive = None if args.overrides else DEFAULT_ARCHIVE
     cmd = "python benchmarks/table1.py " + " ".join(
         [f"--triggers {' '.join(args.triggers)}" if args.triggers != list(TRIGGERS) else "",
          f"--seeds {' '.join(map(str, args.seeds))}", "--skip-fl" if args.skip_fl else "", *args.overrides]
     ).strip()
     t0 = time.perf_counter()
-    clean = [train_teacher(out, "none", s) for s in args.seeds]
+    stored = archive / "teachers.json" if archive is not None else None
+    scores: dict[str, dict] = json.loads(stored.read_text()) if stored is not None and stored.is_file() else {}
+
+    def teacher(trigger: str, seed: int) -> dict | None:
+        key = f"{trigger}-seed{seed}"
+        if key not in scores or args.rerun:
+            if args.report and not list((out / f"teacher-{key}").glob("*/teachers.json")):
+                return None
+            scores[key] = train_teacher(out, trigger, seed, resume=not args.rerun)
+            if stored is not None:
+                stored.parent.mkdir(parents=True, exist_ok=True)
+                stored.write_text(json.dumps(scores, indent=1, sort_keys=True))
+        return scores[key]
+
+    clean = [t for t in (teacher("none", s) for s in args.seeds) if t is not None]
     teachers: dict[str, list[dict]] = {}
     fl: dict[str, list[dict]] = {}
     for trigger in args.triggers:
-        teachers[trigger] = [train_teacher(out, trigger, s) for s in args.seeds]
+        teachers[trigger] = [t for t in (teacher(trigger, s) for s in args.seeds) if t is not None]
         write_results(out, args.seeds, teachers, clean, fl, cmd)
     (out / "teachers.json").write_text(json.dumps({"clean": clean, **teachers}, indent=1))
     if not args.skip_fl:
         for trigger in args.triggers:
-            fl[trigger] = [run_one(out, trigger, [f"attack={trigger}", *args.overrides], s) for s in args.seeds]
+            for s in args.seeds:
+                try:
+                    fl.setdefault(trigger, []).append(
+                        run_one(out, trigger, [f"attack={trigger}", *args.overrides], s, resume=not args.rerun,
+                                report_only=args.report, archive=archive))
+                except RunFailed as err:  # a failed (or, with --report, missing) run must not lose the rest
+                    print(f"{trigger} seed {s}: {str(err).splitlines()[0]}", file=sys.stderr)
+            if not fl[trigger]:
+                del fl[trigger]
             (out / "fl-runs.json").write_text(json.dumps(fl, indent=1))
             write_results(out, args.seeds, teachers, clean, fl, cmd)
             save_plots(out, teachers, fl, args.seeds[0])
     text = write_results(out, args.seeds, teachers, clean, fl, cmd)
     save_plots(out, teachers, fl, args.seeds[0])
+    if archive is not None and args.triggers == list(TRIGGERS):  # only a whole table replaces the whole table
+        archive.mkdir(parents=True, exist_ok=True)
+        (archive / "results.md").write_text(text)
     print(text)
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")
 
