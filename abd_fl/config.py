@@ -66,7 +66,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.mode", strat["mode"], MODES)
     _validate_strategy_preset(strat)
     try:  # the typed group (abd_fl/distill/settings.py: the synthesizer's name first); each synthesizer checks its parameters (ood: reads its image file) when built
-        distill_settings(dist).build_synthesizer()
+        settings = distill_settings(dist)
+        settings.build_synthesizer()
+        settings.loop_config(seed=0)  # the loop's values (e.g. distill.ensemble)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     _choice("simulation.partition", sim["partition"], PARTITION_SCHEMES)

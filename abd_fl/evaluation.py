@@ -29,9 +29,12 @@ def evaluate_round(
     poisoned_test: ImageData,
     target_label: int,
     device: torch.device | str = "cpu",
+    ensemble_rule: str = "mean_logits",
+    ensemble_trim: float = 0.2,
 ) -> dict[str, object]:
-    """Metrics of each teacher, the malicious/benign means, the ensemble, the aggregated
-    model (key ``fedavg``) and every student (keyed by its role name)."""
+    """Metrics of each teacher, the malicious/benign means, the ensemble (the teachers combined
+    by ``ensemble_rule``, as the distillation combines them), the aggregated model (key
+    ``fedavg``) and every student (keyed by its role name)."""
 
     def m(model: nn.Module) -> dict[str, float]:
         return backdoor_metrics(model, clean_test, poisoned_test, target_label, device)
@@ -46,7 +49,7 @@ def evaluate_round(
     if ben:
         out["benign_teachers"] = _mean(ben)
     if teachers:
-        out["ensemble"] = m(TeacherEnsemble(list(teachers)))
+        out["ensemble"] = m(TeacherEnsemble(list(teachers), rule=ensemble_rule, trim=ensemble_trim))
     if aggregated is not None:
         out["fedavg"] = m(aggregated)
     for role, student in students.items():

@@ -215,6 +215,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             poisoned_test,
             target,
             device,
+            ensemble_rule=str(cfg["distill"].get("ensemble", "mean_logits")),
+            ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
         )
         timings = {**outcome.timings, "evaluate_s": time.perf_counter() - t0}
         malicious = [i["malicious"] for i in outcome.teacher_info]

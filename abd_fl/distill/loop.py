@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
-from abd_fl.distill.ensemble import TeacherEnsemble
+from abd_fl.distill.ensemble import ENSEMBLE_RULES, TeacherEnsemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
 from abd_fl.distill.losses import KL_REDUCTIONS, kd_kl_per_sample
 from abd_fl.distill.synthesizers.base import Synthesizer
@@ -52,6 +52,12 @@ class DistillConfig:
     """KD's KL over classes: ``sum`` (per-sample KL) or ``mean`` (the reference ZSKT's
     ``F.kl_div(reduction="mean")``: a batch x class mean, as ``configs/distill/zskt.yaml``).
     Sets KD's scale against attention transfer and SR."""
+    ensemble: str = "mean_logits"
+    """How several teachers are combined (:data:`~abd_fl.distill.ensemble.ENSEMBLE_RULES`):
+    ``mean_logits`` (FedDF / DENSE) | ``mean_probs`` | ``standardized_logits`` |
+    ``median_probs`` | ``trimmed_probs``. One teacher gives the same targets under every rule."""
+    ensemble_trim: float = 0.2
+    """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "student_steps", "batch_size"):
@@ -67,6 +73,11 @@ class DistillConfig:
         clip = self.clip_grad_norm
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0):
             raise ValueError(f"distill.clip_grad_norm must be null or a finite number > 0, got {clip!r}")
+        if self.ensemble not in ENSEMBLE_RULES:
+            raise ValueError(f"unknown distill.ensemble '{self.ensemble}'; choose one of: {', '.join(ENSEMBLE_RULES)}")
+        trim = self.ensemble_trim
+        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
+            raise ValueError(f"distill.ensemble_trim must be a number in [0, 0.5), got {trim!r}")
         beta = self.attention_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
@@ -105,7 +116,10 @@ def distill(
     """
     cfg = config or DistillConfig()
     device = torch.device(device)
-    ensemble = teachers if isinstance(teachers, TeacherEnsemble) else TeacherEnsemble(teachers)
+    ensemble = (
+        teachers if isinstance(teachers, TeacherEnsemble)
+        else TeacherEnsemble(teachers, rule=cfg.ensemble, trim=cfg.ensemble_trim)
+    )
     ensemble.to(device)
     student.to(device).train()
     if image_shape is None:

@@ -151,6 +151,12 @@ class DistillSettings:
     """Width (``ngf``) of the synthesizer's generator (zskt, dense, cmi); None = 64, the
     reference's. Ignored by a synthesizer without a generator (ood), so a preset that sizes
     the generator (``experiment=mnist_central``: 32) composes with every synthesizer."""
+    ensemble: str = "mean_logits"
+    """How the client teachers are combined (FL; one teacher gives the same targets under every
+    rule): ``mean_logits`` (FedDF / DENSE: the mean of raw logits) | ``mean_probs`` |
+    ``standardized_logits`` | ``median_probs`` | ``trimmed_probs`` (``abd_fl/distill/ensemble.py``)."""
+    ensemble_trim: float = 0.2
+    """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
 
     def loop_config(self, seed: int) -> DistillConfig:
         """The distillation loop's settings (validated) for a run seeded with ``seed``."""
@@ -164,6 +170,8 @@ class DistillSettings:
             attention_beta=self.attention_beta,
             clip_grad_norm=self.clip_grad_norm,
             kl_reduction=self.kl_reduction,
+            ensemble=self.ensemble,
+            ensemble_trim=self.ensemble_trim,
         )
 
     def params_dict(self) -> dict[str, Any]:
