@@ -101,6 +101,7 @@ def datafree_kd(
     device: str = "auto",
     progress: bool = False,
     on_round: Callable[[RoundOutcome], None] | None = None,
+    teachers: str = "all",
 ) -> DataFreeKD:
     """Wrap ``base`` (FedAvg, FedMedian, Krum, ...) in :class:`DataFreeKD` with a data-free KD
     step (Algorithm 1's loop) defended by ``defense`` (ABD, Algorithm 2).
@@ -117,6 +118,9 @@ def datafree_kd(
       distilled from the same teachers each round (reported to ``on_round``, never sent).
     - ``mode``: ``multi_round`` (default: every round the base aggregate is fine-tuned by KD,
       FedFTG-style, for any number of rounds) or ``one_shot`` (DENSE: one round, a fresh student).
+    - ``teachers``: ``all`` (every valid reply teaches) or ``selected`` (only the replies the
+      base's selection rule keeps: Krum, MultiKrum, Bulyan; every reply for other bases).
+      How several teachers are combined is the distill settings' ``ensemble`` rule.
     - ``on_round(outcome)``: called after each round with the teachers, every arm's student
       and the defense's report (:class:`RoundOutcome`).
 
@@ -140,4 +144,5 @@ def datafree_kd(
         arms=tuple(arm for arm, _ in defense_cfg.arms()),
         mode=mode,
         on_round=on_round,
+        teachers=teachers,
     )

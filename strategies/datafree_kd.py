@@ -39,6 +39,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from abd_fl.distill import DistillResult
+from strategies.selection import TEACHER_SETS, base_selection
 from strategies.validation import DEFAULT_WEIGHT_KEY, split_valid_replies
 
 log = logging.getLogger("abd_fl")
@@ -61,6 +62,9 @@ class RoundOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     extension: dict[str, Any] = field(default_factory=dict)
     """What the server extension reported this round (e.g. FedGen's generator training)."""
+    excluded: list[dict[str, Any]] = field(default_factory=list)
+    """``teachers="selected"``: the facts (``teacher_info``) of the valid replies the base's
+    selection left out, which did not teach this round."""
 
 
 class ServerExtension(Protocol):
@@ -106,9 +110,12 @@ class DataFreeKD(Strategy):
         mode: str = "one_shot",
         on_round: Callable[[RoundOutcome], None] | None = None,
         extension: ServerExtension | None = None,
+        teachers: str = "all",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown DataFreeKD mode '{mode}'; choose one of: {', '.join(MODES)}")
+        if teachers not in TEACHER_SETS:
+            raise ValueError(f"unknown DataFreeKD teachers '{teachers}'; choose one of: {', '.join(TEACHER_SETS)}")
         if not arms:
             raise ValueError("DataFreeKD needs at least one distillation arm, got none")
         self.base = base
@@ -119,6 +126,7 @@ class DataFreeKD(Strategy):
         self.mode = mode
         self.on_round = on_round
         self.extension = extension
+        self.teachers = teachers
         self._reference = state_signature(client_model_fn())
         if mode == "multi_round" and state_signature(student_model_fn()) != self._reference:
             raise ValueError("multi_round mode distils into the aggregated model: student and client architectures must match")
@@ -166,6 +174,9 @@ class DataFreeKD(Strategy):
         # The teachers are read before the base aggregates: FedMedian, FedTrimmedAvg and
         # Bulyan empty the replies' ArrayRecords while they aggregate.
         teachers, info = self._read_teachers(server_round, valid)
+        excluded: list[dict[str, Any]] = []
+        if self.teachers == "selected":
+            teachers, info, excluded = self._selected(server_round, valid, teachers, info)
         t_read = time.perf_counter()
         agg_arrays, agg_metrics = self.base.aggregate_train(server_round, valid)
         t_agg = time.perf_counter()
@@ -198,11 +209,33 @@ class DataFreeKD(Strategy):
             students[arm] = student
 
         if self.on_round is not None:
-            self.on_round(RoundOutcome(server_round, teachers, info, aggregated, students, results, rejected, timings, extension_logs))
+            self.on_round(
+                RoundOutcome(server_round, teachers, info, aggregated, students, results, rejected, timings, extension_logs, excluded)
+            )
         primary = students[self.arms[0]]
         metrics = MetricRecord(dict(agg_metrics)) if agg_metrics is not None else MetricRecord()
         metrics["num-rejected"] = len(rejected)
         return ArrayRecord(primary.state_dict()), metrics
+
+    def _selected(
+        self, server_round: int, valid: list[Message], teachers: list[nn.Module], info: list[dict[str, Any]]
+    ) -> tuple[list[nn.Module], list[dict[str, Any]], list[dict[str, Any]]]:
+        """The teachers the base's selection keeps (:func:`strategies.selection.base_selection`),
+        their facts, and the facts of those left out; every teacher where the base selects none."""
+        kept = base_selection(self.base, valid)
+        if kept is None:
+            log.info("round %d: %s selects no subset of the replies; every teacher teaches", server_round, type(self.base).__name__)
+            return teachers, info, []
+        nodes = {int(valid[i].metadata.src_node_id) for i in kept}
+        keep = [i["node_id"] in nodes for i in info]
+        excluded = [i for i, k in zip(info, keep) if not k]
+        log.info(
+            "round %d: %d of %d teachers selected by %s; left out: %s",
+            server_round, sum(keep), len(info), type(self.base).__name__,
+            ", ".join(f"node {i['node_id']}" + (f" (partition {i['partition_id']})" if i["partition_id"] is not None else "")
+                      for i in excluded) or "none",
+        )
+        return [t for t, k in zip(teachers, keep) if k], [i for i, k in zip(info, keep) if k], excluded
 
     def _read_teachers(self, server_round: int, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
         """The client models of the valid replies and their per-teacher facts, ordered by

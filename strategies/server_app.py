@@ -229,6 +229,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             "attackers": None if None in malicious else [i["partition_id"] for i in outcome.teacher_info if i["malicious"]],
             "detection": detection,
             "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
+            # strategy.teachers=selected: valid replies the base's selection (Krum, MultiKrum, Bulyan) left out of KD
+            "teachers_excluded": outcome.excluded,
             "distill": {
                 arm: {"wall_s": r.wall_s, "defense_s": r.defense_s, "defense": r.defense_report, "history": r.history}
                 for arm, r in outcome.distill_results.items()
@@ -259,6 +261,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         mode=cfg["strategy"]["mode"],
         on_round=on_round,
         extension=extension,
+        teachers=str(cfg["strategy"].get("teachers", "all")),
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
