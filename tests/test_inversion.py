@@ -241,3 +241,77 @@ def test_bad_settings_fail_with_one_line(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"defense.{key}") as err:
         ABDConfig(**{key: value})
     assert "\n" not in str(err.value)
+
+
+def _greedy_reference(model: nn.Module, samples: torch.Tensor, trig: InvertedTrigger, keep: float, budget: int):
+    """The exact greedy path of ``prune_mask``, written out pixel by pixel (one flip rate per trial)."""
+    target = trig.target
+    source = samples[model(samples).argmax(1) != target]
+
+    def rate(m: torch.Tensor) -> float:
+        return float((model((1 - m) * source + m * trig.pattern).argmax(1) == target).float().mean())
+
+    mask = (trig.mask > 0.5).float()
+    full = rate(mask)
+    chosen, at_budget = mask.clone(), full
+    while int(mask.sum()) > 1:
+        trials = []
+        for r, c in mask[0, 0].nonzero().tolist():
+            t = mask.clone()
+            t[0, 0, r, c] = 0
+            trials.append((rate(t), (r, c)))
+        best = max(trials, key=lambda t: t[0])  # the first of equal rates
+        mask[0, 0, best[1][0], best[1][1]] = 0
+        if best[0] >= keep * full:
+            chosen = mask.clone()
+        if int(mask.sum()) == budget:
+            at_budget = best[0]
+        if best[0] < keep * full and int(mask.sum()) <= budget:
+            break
+    return chosen, at_budget
+
+
+@pytest.mark.parametrize("budget", [1, 4])
+def test_pruning_a_small_mask_follows_the_exact_greedy_path(budget: int) -> None:
+    model, x = Planted(target=3), _samples()
+    gen = torch.Generator().manual_seed(5)
+    mask = (torch.rand(1, 1, 8, 8, generator=gen) > 0.6).float()  # ~25 pixels, some in the patch
+    mask[0, 0, 5, 5] = 1
+    trig = InvertedTrigger(3, mask, torch.ones(1, 1, 8, 8), float(mask.sum()), 1.0)
+    with torch.no_grad():
+        want_mask, want_at_budget = _greedy_reference(model, x, trig, keep=0.8, budget=budget)
+        got = prune_mask(model, x, trig, keep=0.8, budget=budget)
+    assert torch.equal(got.mask, want_mask) and got.flip_at_budget == pytest.approx(want_at_budget)
+
+
+class Planted28(nn.Module):
+    """``Planted`` at 28x28: a 3x3 patch at rows/columns 20-22 flips to ``target``; counts its calls."""
+
+    def __init__(self, target: int = 7) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(10, 784, generator=g) * 0.05, requires_grad=False)
+        self.target, self.calls = target, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = (x.flatten(1) - 0.5) @ self.weight.t()
+        patch = x[:, :, 20:23, 20:23].amax((1, 2, 3))
+        bonus = 40 * torch.sigmoid(40 * (patch - 0.95))
+        return logits + bonus[:, None] * nn.functional.one_hot(torch.tensor(self.target), 10).to(x)
+
+
+def test_pruning_a_large_28x28_mask_halves_it_first_and_still_lands_in_the_patch() -> None:
+    model = Planted28()
+    x = torch.rand(400, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(1, 1, 28, 28)
+    mask[0, 0, 8:24, 8:24] = 1  # 256 pixels: the patch and 247 stroke-like extras
+    trig = InvertedTrigger(7, mask, torch.ones(1, 1, 28, 28), 256.0, 1.0)
+    pruned = prune_mask(model, x, trig, budget=4)
+    patch = torch.zeros_like(mask)
+    patch[0, 0, 20:23, 20:23] = 1
+    assert 1 <= pruned.pixels <= 4 and bool((pruned.mask <= patch).all())
+    assert pruned.pruned_flip >= 0.8 * 0.99 and pruned.flip_at_budget >= 0.8
+    # the exact greedy path from 256 pixels would take ~256^2/2 = 32,768 passes; halving to 64 first
+    # costs one batched pass per 4 trial masks there, then the exact path from 64 pixels
+    assert model.calls < 64 * 65 // 2 + 200
