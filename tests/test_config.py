@@ -53,6 +53,25 @@ def test_bad_values_fail_with_one_line(override: str, message: str | None) -> No
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+attack.poison=0.1", "unknown attack key(s) ['poison']; known: trigger, trigger_params, poison_rate,"),
+        ("+dataset.imagesize=8", "unknown dataset key(s) ['imagesize']; known: name, root, image_size"),
+        ("+model.teacher=cnn", "unknown model key(s) ['teacher']; known: client, student, shuffle_layers"),
+        ("+strategy.basis=krum", "unknown strategy key(s) ['basis']; known: name, base, base_params, mode, fraction_train, fedgen"),
+        ("+simulation.client_resources.tpus=1", "unknown simulation.client_resources key(s) ['tpus']; known: num_cpus, num_gpus"),
+    ],
+)
+def test_a_key_added_to_a_typed_group_with_plus_fails_with_one_line(override: str, message: str) -> None:
+    """Hydra's ``+key=value`` adds a key the schema does not have (OmegaConf lets it through on
+    purpose): validation refuses it, naming the group's fields."""
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_local_dataset_folder_names_the_folder(tmp_path: Path) -> None:
     cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path / 'nowhere'}"])
     validate_config(cfg)
