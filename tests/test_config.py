@@ -110,6 +110,8 @@ def test_cli_rejects_a_bad_value_before_starting_anything() -> None:
     [
         ("distill.iterations=abc", "distill.iterations=abc: Value 'abc' of type 'str' could not be converted to Integer"),
         ("defense.params.nope=1", "Key 'nope' not in 'ABDConfig'"),
+        ("simulation.num_clients=abc", "simulation.num_clients=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("dataset.imagesize=8", "Could not override 'dataset.imagesize': Key 'imagesize' not in 'DatasetSettings'"),
     ],
 )
 def test_cli_refuses_a_wrong_type_or_key_of_a_typed_group_in_one_line(override: str, message: str) -> None:
@@ -118,6 +120,39 @@ def test_cli_refuses_a_wrong_type_or_key_of_a_typed_group_in_one_line(override: 
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("abd-fl: config error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dataset.image_size=big", "could not be converted to Integer"),
+        ("dataset.imagesize=8", "Key 'imagesize' not in 'DatasetSettings'"),
+        ("model.shuffle_layers=two", "could not be converted to Integer"),
+        ("model.teacher=cnn", "Key 'teacher' not in 'ModelSettings'"),
+        ("attack.single_shot=maybe", "is not a valid bool"),
+        ("attack.poison=0.1", "Key 'poison' not in 'AttackSettings'"),
+        ("strategy.fraction_train=all", "could not be converted to Float"),
+        ("strategy.basis=krum", "Key 'basis' not in 'StrategySettings'"),
+        ("simulation.num_clients=abc", "could not be converted to Integer"),
+        ("simulation.client_resources.tpus=1", "Key 'tpus' not in 'ClientResources'"),
+    ],
+)
+def test_the_cli_entry_point_refuses_each_typed_groups_wrong_type_and_unknown_key(override: str, message: str, monkeypatch, capsys) -> None:
+    """``abd-fl``'s ``main`` for every group (in this process; the subprocess test above runs the
+    real command for two of them): one line on stderr naming the key, exit code 2, no run."""
+    from abd_fl import cli
+
+    def no_run() -> None:
+        raise AssertionError(f"Hydra was started for {override}")
+
+    monkeypatch.setattr(cli, "_hydra_main", no_run)
+    monkeypatch.setattr(sys, "argv", ["abd-fl", override])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("abd-fl: config error: "), lines
+    assert message in lines[0] and override.split("=")[0] in lines[0], lines
 
 
 def test_cli_stops_on_a_missing_dataset_folder_before_ray_starts(tmp_path: Path) -> None:

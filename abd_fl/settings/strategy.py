@@ -14,7 +14,7 @@ checked by :func:`abd_fl.config.validate_config`.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict
 
 from abd_fl.distill.fedgen import FedGenConfig
@@ -94,7 +94,9 @@ def strategy_preset(name: str, **changes: Any) -> StrategySettings:
     Raises ``ValueError`` on an unknown preset or field."""
     if name not in STRATEGY_PRESETS:
         raise ValueError(f"unknown strategy '{name}'; choose one of: {', '.join(STRATEGY_PRESETS)}")
-    try:
-        return replace(copy.deepcopy(STRATEGY_PRESETS[name]), **changes)
-    except TypeError as err:
-        raise ValueError(f"bad strategy setting for '{name}': {err}") from None
+    preset = copy.deepcopy(STRATEGY_PRESETS[name])
+    known = [f.name for f in fields(preset)]
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        raise ValueError(f"unknown strategy setting(s) {unknown} for '{name}'; known: {', '.join(known)}")
+    return replace(preset, **changes)
