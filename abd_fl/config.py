@@ -5,9 +5,9 @@ typo in a Hydra override stops the run before Ray or Flower start.
 
 The types of the groups' keys are the typed schemas' (:mod:`abd_fl.config_store`): OmegaConf
 refuses a wrong type or an unknown key when the config is composed, so the checks here are
-ranges, known names and cross-key rules, plus a key added to a typed group with Hydra's
-``+key=value`` (which the schemas let through) and the types of the untyped keys (top-level
-keys, ``strategy.base_params``).
+ranges, known names and cross-key rules, plus a key added with Hydra's ``+key=value``
+(which the schemas let through) and the types of the free-form values
+(``strategy.base_params``, ``attack.teacher_checkpoints``).
 """
 
 from __future__ import annotations
@@ -30,20 +30,23 @@ from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
 from abd_fl.models.settings import ModelSettings
+from abd_fl.settings.run import GROUPS, CleanKDReferenceSettings, RunSettings, TeachersSettings
 from abd_fl.settings.simulation import SimulationSettings
 from abd_fl.settings.strategy import BASE_STRATEGIES, MODES, PRESET_MODES, STRATEGY_NAMES, FedGenStrategySettings
 
 __all__ = ["BASE_STRATEGIES", "MODES", "PRESET_MODES", "STRATEGY_NAMES", "ConfigError", "validate_config"]
 
-TYPED_GROUPS: dict[str, type] = {
+TYPED_SECTIONS: dict[str, type] = {
     "dataset": DatasetSettings,
     "model": ModelSettings,
     "attack": AttackSettings,
     "simulation": SimulationSettings,
     "strategy": FedGenStrategySettings,  # every preset's fields; fedgen's only with strategy=fedgen (checked below)
+    "teachers": TeachersSettings,
+    "clean_kd_reference": CleanKDReferenceSettings,
 }
-"""The typed groups whose keys :func:`validate_config` checks here (distill and defense check
-theirs when their settings are built)."""
+"""The typed groups and top-level settings whose keys :func:`validate_config` checks here
+(distill and defense check theirs when their settings are built)."""
 DEVICES = ("auto", "cpu", "cuda")
 RUNNERS = ("federated", "centralized", "train_teachers")
 TEACHER_SETS = ("central", "clients", "both")
@@ -89,8 +92,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.base", strat["base"], BASE_STRATEGIES)
     _choice("strategy.mode", strat["mode"], MODES)
     _validate_strategy_preset(strat)
-    for group, cls in TYPED_GROUPS.items():
-        _known_keys(group, cfg[group], cls)
+    top = [*GROUPS, *(f.name for f in fields(RunSettings))]
+    unknown = sorted(str(k) for k in cfg if k not in top)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; known: {', '.join(top)}")
+    for group, cls in TYPED_SECTIONS.items():
+        _known_keys(group, cfg.get(group) or {}, cls)
     try:  # the typed group (abd_fl/distill/settings.py: the synthesizer's name first); each synthesizer checks its parameters (ood: reads its image file) when built
         distill_settings(dist).build_synthesizer()
     except (TypeError, ValueError) as err:
@@ -125,7 +132,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _range("distill.attention_beta", dist.get("attention_beta", 0.0), 0.0, None)
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False):
-        _number("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)
+        _range("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)
 
     _validate_attackers(cfg)
     _validate_checkpoints(cfg)
@@ -283,5 +290,5 @@ def _validate_checkpoints(cfg: Mapping[str, Any]) -> None:
         if not schedule_from_config(cfg["attack"], int(n), int(cfg["seed"])).ever_malicious(int(cfg["simulation"]["rounds"])):
             raise ConfigError("teachers.which=clients trains one teacher per malicious client, but the attack config has none")
     out = teachers.get("out")
-    if out is not None and (not isinstance(out, str) or not out):
+    if out == "":
         raise ConfigError(f"teachers.out must be a folder path or null (= the run directory), got {out!r}")

@@ -27,9 +27,10 @@ fields and share the same defaults:
   :func:`base_strategy` builds its Flower strategy, the ``base`` of :func:`datafree_kd`;
 - ``dataset``: :class:`DatasetSettings` (``.load(seed)``); ``model``: :class:`ModelSettings`
   (``.build(role, ...)``); ``attack``: :class:`AttackSettings` (``.schedule(num_clients,
-  seed)``); ``simulation``: :class:`SimulationSettings` with :class:`ClientResources`. These
-  describe a Hydra experiment (``abd-fl``) as objects; :func:`datafree_kd` itself needs
-  none of them.
+  seed)``); ``simulation``: :class:`SimulationSettings` with :class:`ClientResources`; the
+  top-level keys: :class:`RunSettings` with :class:`TeachersSettings` and
+  :class:`CleanKDReferenceSettings`. These describe a Hydra experiment (``abd-fl``) as
+  objects; :func:`datafree_kd` itself needs none of them.
 
 :class:`DataFreeKD` itself takes any ``distill_fn(arm, teachers, student, round)``;
 :func:`make_distill_fn` builds the one above from the typed settings.
@@ -61,6 +62,7 @@ from abd_fl.distill.settings import (
 )
 from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.models.settings import ModelSettings
+from abd_fl.settings.run import CleanKDReferenceSettings, RunSettings, TeachersSettings
 from abd_fl.settings.simulation import ClientResources, SimulationSettings
 from abd_fl.settings.strategy import STRATEGY_PRESETS, FedGenStrategySettings, StrategySettings, strategy_preset
 from strategies.datafree_kd import MODES, DataFreeKD, RoundOutcome, make_base_strategy
@@ -98,6 +100,9 @@ __all__ = [
     "AttackSettings",
     "SimulationSettings",
     "ClientResources",
+    "RunSettings",
+    "TeachersSettings",
+    "CleanKDReferenceSettings",
 ]
 
 

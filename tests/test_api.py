@@ -23,6 +23,7 @@ from strategies.api import (
     STRATEGY_PRESETS,
     ZSKT,
     AttackSettings,
+    CleanKDReferenceSettings,
     ClientResources,
     DataFreeKD,
     DatasetSettings,
@@ -30,8 +31,10 @@ from strategies.api import (
     FedGenConfig,
     FedGenStrategySettings,
     ModelSettings,
+    RunSettings,
     SimulationSettings,
     StrategySettings,
+    TeachersSettings,
     ZSKTParams,
     base_strategy,
     datafree_kd,
@@ -116,6 +119,9 @@ def test_the_default_groups_are_the_dataclass_defaults() -> None:
     assert cfg["simulation"] == asdict(SimulationSettings()) and SimulationSettings().client_resources == ClientResources()
     assert cfg["attack"] == asdict(AttackSettings()) and cfg["strategy"] == asdict(StrategySettings())
     assert cfg["dataset"] == asdict(DatasetSettings(image_size=8))
+    top = asdict(RunSettings())
+    assert {k: cfg[k] for k in top} == top and list(cfg)[len(cfg) - len(top):] == list(top)  # groups first, then these
+    assert RunSettings().teachers == TeachersSettings() and RunSettings().clean_kd_reference == CleanKDReferenceSettings()
     assert ModelSettings(**compose_config(["model=wrn"])["model"]) == ModelSettings("wrn16_2", "wrn16_1", 5)
     assert ModelSettings(**compose_config(["model=mnist_lenet"])["model"]) == ModelSettings("lenet", "lenet_small", 1)
 
@@ -157,6 +163,10 @@ def test_abd_ti_differs_from_abd_only_by_its_documented_params() -> None:
         ("strategy.basis=krum", "Key 'basis' not in 'StrategySettings'"),
         ("simulation.num_clients=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
         ("simulation.client_resources.tpus=1", "Key 'tpus' not in 'ClientResources'"),
+        ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("sead=1", "Key 'sead' not in 'ConfigSchema'"),
+        ("clean_kd_reference.iterations=1.5", "Value '1.5' of type 'float' could not be converted to Integer"),
+        ("teachers.fmt=pt", "Key 'fmt' not in 'TeachersSettings'"),
     ],
 )
 def test_omegaconf_refuses_a_wrong_type_or_key_when_composing(override: str, message: str) -> None:

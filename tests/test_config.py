@@ -61,6 +61,8 @@ def test_bad_values_fail_with_one_line(override: str, message: str | None) -> No
         ("+model.teacher=cnn", "unknown model key(s) ['teacher']; known: client, student, shuffle_layers"),
         ("+strategy.basis=krum", "unknown strategy key(s) ['basis']; known: name, base, base_params, mode, fraction_train, fedgen"),
         ("+simulation.client_resources.tpus=1", "unknown simulation.client_resources key(s) ['tpus']; known: num_cpus, num_gpus"),
+        ("+sead=1", "unknown top-level key(s) ['sead']; known: dataset, model, attack, distill, strategy, defense, simulation, name,"),
+        ("+teachers.fmt=pt", "unknown teachers key(s) ['fmt']; known: which, format, out"),
     ],
 )
 def test_a_key_added_to_a_typed_group_with_plus_fails_with_one_line(override: str, message: str) -> None:
@@ -135,6 +137,8 @@ def test_cli_refuses_a_wrong_type_or_key_of_a_typed_group_in_one_line(override: 
         ("strategy.basis=krum", "Key 'basis' not in 'StrategySettings'"),
         ("simulation.num_clients=abc", "could not be converted to Integer"),
         ("simulation.client_resources.tpus=1", "Key 'tpus' not in 'ClientResources'"),
+        ("seed=abc", "could not be converted to Integer"),
+        ("teachers.fmt=pt", "Key 'fmt' not in 'TeachersSettings'"),
     ],
 )
 def test_the_cli_entry_point_refuses_each_typed_groups_wrong_type_and_unknown_key(override: str, message: str, monkeypatch, capsys) -> None:
