@@ -126,6 +126,20 @@ def test_the_default_groups_are_the_dataclass_defaults() -> None:
     assert ModelSettings(**compose_config(["model=mnist_lenet"])["model"]) == ModelSettings("lenet", "lenet_small", 1)
 
 
+def test_dataset_model_and_attack_settings_build_what_they_describe() -> None:
+    bundle = DatasetSettings(image_size=8).load(seed=0)
+    assert bundle.train.shape == (1, 8, 8)
+    student = ModelSettings(student="cnn_small").build("student", bundle.num_classes, bundle.in_channels, bundle.mean, bundle.std)
+    assert student(torch.rand(2, 1, 8, 8)).shape == (2, bundle.num_classes)
+    with pytest.raises(ValueError, match="unknown model role 'server'"):
+        ModelSettings().build("server", 10, 1, [0.5], [0.5])
+    cfg = compose_config(["attack.num_malicious=1", "seed=4"])
+    schedule = AttackSettings(num_malicious=1).schedule(num_clients=6, seed=4)
+    from abd_fl.experiment import malicious_ids
+
+    assert schedule.ever_malicious(1) == malicious_ids(cfg) and len(malicious_ids(cfg)) == 1
+
+
 def test_strategy_settings_build_the_flower_strategy() -> None:
     from flwr.serverapp.strategy import Krum
 
