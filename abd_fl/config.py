@@ -2,30 +2,51 @@
 
 Every check fails with one line naming the bad key, its value and what is allowed, so a
 typo in a Hydra override stops the run before Ray or Flower start.
+
+The types of the groups' keys are the typed schemas' (:mod:`abd_fl.config_store`): OmegaConf
+refuses a wrong type or an unknown key when the config is composed, so the checks here are
+ranges, known names and cross-key rules, plus a key added with Hydra's ``+key=value``
+(which the schemas let through) and the types of the free-form values
+(``strategy.base_params``, ``attack.teacher_checkpoints``).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_type_hints
 
 from abd_fl.attacks import trigger_names
 from abd_fl.attacks.schedule import ATTACKER_POOLS, schedule_from_config
+from abd_fl.attacks.settings import AttackSettings
 from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_checkpoint_paths
 from abd_fl.data import DATASET_NAMES
+from abd_fl.data.settings import DatasetSettings
 from abd_fl.defense import DEFENSE_NAMES
 from abd_fl.defense.settings import defense_settings
 from abd_fl.distill.settings import distill_settings
 from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.data.partition import PARTITION_SCHEMES
 from abd_fl.models import MODEL_NAMES
+from abd_fl.models.settings import ModelSettings
+from abd_fl.settings.run import GROUPS, CleanKDReferenceSettings, RunSettings, TeachersSettings
+from abd_fl.settings.simulation import SimulationSettings
+from abd_fl.settings.strategy import BASE_STRATEGIES, MODES, PRESET_MODES, STRATEGY_NAMES, FedGenStrategySettings
 
-BASE_STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-MODES = ("one_shot", "multi_round")
-PRESET_MODES = {"dense": "one_shot", "fedftg": "multi_round", "feddf": "multi_round", "fedgen": "multi_round"}
-"""The FL algorithms offered as ``strategy=<name>`` presets, each with the mode it is defined by."""
-STRATEGY_NAMES = BASE_STRATEGIES + tuple(PRESET_MODES)
+__all__ = ["BASE_STRATEGIES", "MODES", "PRESET_MODES", "STRATEGY_NAMES", "ConfigError", "validate_config"]
+
+TYPED_SECTIONS: dict[str, type] = {
+    "dataset": DatasetSettings,
+    "model": ModelSettings,
+    "attack": AttackSettings,
+    "simulation": SimulationSettings,
+    "strategy": FedGenStrategySettings,  # every preset's fields; fedgen's only with strategy=fedgen (checked below)
+    "teachers": TeachersSettings,
+    "clean_kd_reference": CleanKDReferenceSettings,
+}
+"""The typed groups and top-level settings whose keys :func:`validate_config` checks here
+(distill and defense check theirs when their settings are built)."""
 DEVICES = ("auto", "cpu", "cuda")
 RUNNERS = ("federated", "centralized", "train_teachers")
 TEACHER_SETS = ("central", "clients", "both")
@@ -42,10 +63,16 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _number(key: str, value: Any, low: float | None = None, high: float | None = None, integer: bool = False) -> None:
+    """An untyped key's number: its type, then :func:`_range`."""
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"{key} must be {kind}, got {value!r}")
+    _range(key, value, low, high)
+
+
+def _range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """A number (a typed key's: the schema checked its type when composing) finite and in [low, high]."""
     if not math.isfinite(value):
         raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -65,6 +92,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.base", strat["base"], BASE_STRATEGIES)
     _choice("strategy.mode", strat["mode"], MODES)
     _validate_strategy_preset(strat)
+    top = [*GROUPS, *(f.name for f in fields(RunSettings))]
+    unknown = sorted(str(k) for k in cfg if k not in top)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; known: {', '.join(top)}")
+    for group, cls in TYPED_SECTIONS.items():
+        _known_keys(group, cfg.get(group) or {}, cls)
     try:  # the typed group (abd_fl/distill/settings.py: the synthesizer's name first); each synthesizer checks its parameters (ood: reads its image file) when built
         settings = distill_settings(dist)
         settings.build_synthesizer()
@@ -83,25 +116,25 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if not (device in DEVICES or device.startswith("cuda:")):
         raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")
 
-    _number("attack.poison_rate", attack["poison_rate"], 0.0, 1.0)
-    _number("attack.target_label", attack["target_label"], 0, None, integer=True)
-    _number("simulation.num_clients", sim["num_clients"], 1, None, integer=True)
-    _number("simulation.rounds", sim["rounds"], 1, None, integer=True)
-    _number("simulation.alpha", sim["alpha"], 1e-9, None)
-    _number("simulation.local_epochs", sim["local_epochs"], 0, None, integer=True)
-    _number("simulation.local_lr", sim["local_lr"], 1e-12, None)
-    _number("simulation.local_batch_size", sim["local_batch_size"], 1, None, integer=True)
-    _number("simulation.client_resources.num_cpus", sim["client_resources"]["num_cpus"], 0, None)
-    _number("simulation.client_resources.num_gpus", sim["client_resources"]["num_gpus"], 0, None)
-    _number("strategy.fraction_train", strat["fraction_train"], 1e-9, 1.0)
+    _range("attack.poison_rate", attack["poison_rate"], 0.0, 1.0)
+    _range("attack.target_label", attack["target_label"], 0, None)
+    _range("simulation.num_clients", sim["num_clients"], 1, None)
+    _range("simulation.rounds", sim["rounds"], 1, None)
+    _range("simulation.alpha", sim["alpha"], 1e-9, None)
+    _range("simulation.local_epochs", sim["local_epochs"], 0, None)
+    _range("simulation.local_lr", sim["local_lr"], 1e-12, None)
+    _range("simulation.local_batch_size", sim["local_batch_size"], 1, None)
+    _range("simulation.client_resources.num_cpus", sim["client_resources"]["num_cpus"], 0, None)
+    _range("simulation.client_resources.num_gpus", sim["client_resources"]["num_gpus"], 0, None)
+    _range("strategy.fraction_train", strat["fraction_train"], 1e-9, 1.0)
     for key in ("iterations", "student_steps", "batch_size"):
-        _number(f"distill.{key}", dist[key], 0 if key == "iterations" else 1, None, integer=True)
-    _number("distill.lr", dist["lr"], 1e-12, None)
-    _number("distill.temperature", dist["temperature"], 1e-9, None)
-    _number("distill.attention_beta", dist.get("attention_beta", 0.0), 0.0, None)
+        _range(f"distill.{key}", dist[key], 0 if key == "iterations" else 1, None)
+    _range("distill.lr", dist["lr"], 1e-12, None)
+    _range("distill.temperature", dist["temperature"], 1e-9, None)
+    _range("distill.attention_beta", dist.get("attention_beta", 0.0), 0.0, None)
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False):
-        _number("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)
+        _range("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)
 
     _validate_attackers(cfg)
     _validate_checkpoints(cfg)
@@ -113,6 +146,19 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
             "strategy.mode=multi_round distils into the aggregated model, so model.student must equal "
             f"model.client, got student={model['student']} client={model['client']}"
         )
+
+
+def _known_keys(key: str, values: Mapping[str, Any], cls: type) -> None:
+    """A typed group's keys, and its nested settings', are its schema's fields. OmegaConf refuses
+    any other key when composing, except one added on purpose with Hydra's ``+key=value``."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted((str(k) for k in values if k not in known))
+    if unknown:
+        raise ConfigError(f"unknown {key} key(s) {unknown}; known: {', '.join(known)}")
+    hints = get_type_hints(cls)
+    for name in known:
+        if is_dataclass(hints[name]) and isinstance(values.get(name), Mapping):
+            _known_keys(f"{key}.{name}", values[name], hints[name])
 
 
 def _validate_bulyan(strat: Mapping[str, Any], sim: Mapping[str, Any]) -> None:
@@ -149,16 +195,6 @@ def _validate_strategy_preset(strat: Mapping[str, Any]) -> None:
         raise ConfigError(f"strategy.fedgen settings are for strategy=fedgen, got strategy.name={name}")
 
 
-def _optional(key: str, value: Any, low: float, integer: bool = False) -> None:
-    if value is not None:
-        _number(key, value, low, None, integer=integer)
-
-
-def _flag(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-
-
 def _validate_attackers(cfg: Mapping[str, Any]) -> None:
     """Who attacks (count / fraction / ids, fixed or per-round pool), when (window), how
     (local epochs / lr, model-replacement scale). Absent keys take their defaults."""
@@ -170,7 +206,7 @@ def _validate_attackers(cfg: Mapping[str, Any]) -> None:
     _choice("attack.attacker_pool", pool, ATTACKER_POOLS)
     if ids is not None:
         ids = list(ids)
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n]
+        bad = [i for i in ids if not 0 <= i < n]
         if bad or len(set(ids)) != len(ids):
             raise ConfigError(
                 f"attack.malicious_ids must be distinct partition ids in [0, {n - 1}], got {ids}"
@@ -180,27 +216,24 @@ def _validate_attackers(cfg: Mapping[str, Any]) -> None:
         if pool != "fixed":
             raise ConfigError(f"attack.attacker_pool={pool} draws attackers every round; explicit attack.malicious_ids need attacker_pool=fixed")
     elif fraction is not None:
-        _number("attack.malicious_fraction", fraction, 0.0, 1.0)
+        _range("attack.malicious_fraction", fraction, 0.0, 1.0)
     else:
-        _number("attack.num_malicious", attack["num_malicious"], 0, None, integer=True)
+        _range("attack.num_malicious", attack["num_malicious"], 0, None)
         if attack["num_malicious"] > n:
             raise ConfigError(
                 f"attack.num_malicious={attack['num_malicious']} is more than simulation.num_clients={n}"
             )
     start, every = attack.get("start_round", 1), attack.get("every", 1)
-    _number("attack.start_round", start, 1, None, integer=True)
+    _range("attack.start_round", start, 1, None)
     if start > sim["rounds"]:
         raise ConfigError(f"attack.start_round={start} is after the last round (simulation.rounds={sim['rounds']}): nobody would attack")
-    _number("attack.every", every, 1, None, integer=True)
-    _flag("attack.single_shot", attack.get("single_shot", False))
-    _optional("attack.local_epochs", attack.get("local_epochs"), 0, integer=True)
+    _range("attack.every", every, 1, None)
+    if attack.get("local_epochs") is not None:
+        _range("attack.local_epochs", attack["local_epochs"], 0, None)
     lr = attack.get("local_lr")
-    if lr is not None:
-        _number("attack.local_lr", lr, 0.0, None)
-        if not 0 < lr < math.inf:
-            raise ConfigError(f"attack.local_lr must be a finite number > 0 or null (= simulation.local_lr), got {lr!r}")
+    if lr is not None and not 0 < lr < math.inf:
+        raise ConfigError(f"attack.local_lr must be a finite number > 0 or null (= simulation.local_lr), got {lr!r}")
     scale = attack.get("scale", 1.0)
-    _number("attack.scale", scale)
     if not 0 < scale < math.inf:
         raise ConfigError(f"attack.scale must be a finite number > 0 (1 = no scaling), got {scale!r}")
 
@@ -259,5 +292,5 @@ def _validate_checkpoints(cfg: Mapping[str, Any]) -> None:
         if not schedule_from_config(cfg["attack"], int(n), int(cfg["seed"])).ever_malicious(int(cfg["simulation"]["rounds"])):
             raise ConfigError("teachers.which=clients trains one teacher per malicious client, but the attack config has none")
     out = teachers.get("out")
-    if out is not None and (not isinstance(out, str) or not out):
+    if out == "":
         raise ConfigError(f"teachers.out must be a folder path or null (= the run directory), got {out!r}")

@@ -13,15 +13,24 @@ in your own ServerApp, without Hydra. Everything a user needs is exported here::
     )
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=3)
 
-The settings are the typed dataclasses Hydra's groups extend (``configs/distill/*.yaml``,
-``configs/defense/*.yaml``; :mod:`abd_fl.config_store`), so a keyword argument here and a
-Hydra override check the same fields and share the same defaults:
+The settings are the typed dataclasses Hydra's groups extend (every ``configs/<group>/*.yaml``;
+:mod:`abd_fl.config_store`), so a keyword argument here and a Hydra override check the same
+fields and share the same defaults:
 
 - ``distill``: :class:`ZSKT`, :class:`DENSE`, :class:`CMI`, :class:`OOD` (synthesizer
   parameters in :class:`ZSKTParams`, ... ; loop budgets as fields), or a group name;
 - ``defense``: :class:`DefenseSettings` (``name``, ``compare_baseline``, ``ablation``,
   ``params``: :class:`ABDConfig` with :class:`SRConfig`), most easily from
-  :func:`defense_preset` (``abd``, ``sv``, ``sr``, ``abd_ti``, ``none``), or a preset name.
+  :func:`defense_preset` (``abd``, ``sv``, ``sr``, ``abd_ti``, ``none``), or a preset name;
+- ``strategy``: :class:`StrategySettings` (:class:`FedGenStrategySettings` with
+  :class:`FedGenConfig` for ``fedgen``), most easily from :func:`strategy_preset`;
+  :func:`base_strategy` builds its Flower strategy, the ``base`` of :func:`datafree_kd`;
+- ``dataset``: :class:`DatasetSettings` (``.load(seed)``); ``model``: :class:`ModelSettings`
+  (``.build(role, ...)``); ``attack``: :class:`AttackSettings` (``.schedule(num_clients,
+  seed)``); ``simulation``: :class:`SimulationSettings` with :class:`ClientResources`; the
+  top-level keys: :class:`RunSettings` with :class:`TeachersSettings` and
+  :class:`CleanKDReferenceSettings`. These describe a Hydra experiment (``abd-fl``) as
+  objects; :func:`datafree_kd` itself needs none of them.
 
 :class:`DataFreeKD` itself takes any ``distill_fn(arm, teachers, student, round)``;
 :func:`make_distill_fn` builds the one above from the typed settings.
@@ -34,6 +43,8 @@ from typing import Callable, Sequence
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
+from abd_fl.attacks.settings import AttackSettings
+from abd_fl.data.settings import DatasetSettings
 from abd_fl.defense import ABDConfig, SRConfig
 from abd_fl.defense.settings import ABD_TI_PARAMS, DEFENSE_PRESETS, DefenseSettings, defense_preset
 from abd_fl.device import resolve_device
@@ -49,7 +60,12 @@ from abd_fl.distill.settings import (
     OODParams,
     ZSKTParams,
 )
-from strategies.datafree_kd import MODES, DataFreeKD, RoundOutcome
+from abd_fl.distill.fedgen import FedGenConfig
+from abd_fl.models.settings import ModelSettings
+from abd_fl.settings.run import CleanKDReferenceSettings, RunSettings, TeachersSettings
+from abd_fl.settings.simulation import ClientResources, SimulationSettings
+from abd_fl.settings.strategy import STRATEGY_PRESETS, FedGenStrategySettings, StrategySettings, strategy_preset
+from strategies.datafree_kd import MODES, DataFreeKD, RoundOutcome, make_base_strategy
 from strategies.server_app import make_distill_fn
 
 __all__ = [
@@ -73,6 +89,20 @@ __all__ = [
     "ABD_TI_PARAMS",
     "DEFENSE_PRESETS",
     "defense_preset",
+    "StrategySettings",
+    "FedGenStrategySettings",
+    "FedGenConfig",
+    "STRATEGY_PRESETS",
+    "strategy_preset",
+    "base_strategy",
+    "DatasetSettings",
+    "ModelSettings",
+    "AttackSettings",
+    "SimulationSettings",
+    "ClientResources",
+    "RunSettings",
+    "TeachersSettings",
+    "CleanKDReferenceSettings",
 ]
 
 
@@ -82,6 +112,16 @@ def _distill(value: DistillSettings | str) -> DistillSettings:
     if value not in DISTILL_PRESETS:
         raise ValueError(f"unknown distill '{value}'; choose one of: {', '.join(DISTILL_PRESETS)}")
     return DISTILL_PRESETS[value]()
+
+
+def base_strategy(settings: StrategySettings | str, num_clients: int) -> Strategy:
+    """The Flower strategy of a ``strategy`` setting (or preset name): its ``base`` class
+    (FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan) with ``base_params`` and
+    ``fraction_train``, client-side evaluation off, waiting for ``num_clients`` nodes, as
+    ``abd-fl`` builds it. Pass it to :func:`datafree_kd` with ``mode=settings.mode``."""
+    if isinstance(settings, str):
+        settings = strategy_preset(settings)
+    return make_base_strategy(settings.base, settings.base_params, int(num_clients), float(settings.fraction_train))
 
 
 def _defense(value: DefenseSettings | str) -> DefenseSettings:

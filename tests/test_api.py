@@ -16,16 +16,35 @@ from abd_fl.config import ConfigError
 from abd_fl.defense.settings import defense_settings
 from abd_fl.distill.settings import distill_settings
 from abd_fl.paths import compose_config
+from abd_fl.paths import configs_dir
 from strategies.api import (
     ABD_TI_PARAMS,
     DISTILL_PRESETS,
+    STRATEGY_PRESETS,
     ZSKT,
+    AttackSettings,
+    CleanKDReferenceSettings,
+    ClientResources,
     DataFreeKD,
+    DatasetSettings,
     DefenseSettings,
+    FedGenConfig,
+    FedGenStrategySettings,
+    ModelSettings,
+    RunSettings,
+    SimulationSettings,
+    StrategySettings,
+    TeachersSettings,
     ZSKTParams,
+    base_strategy,
     datafree_kd,
     defense_preset,
+    strategy_preset,
 )
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (configs_dir() / group).glob("*.yaml"))
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +84,76 @@ def test_each_distill_class_is_its_hydra_group(distill: str) -> None:
     assert distill_settings(hydra) == DISTILL_PRESETS[distill]()
 
 
+@pytest.mark.parametrize("strategy", sorted(STRATEGY_PRESETS))
+def test_each_strategy_preset_is_its_hydra_group(strategy: str) -> None:
+    hydra = compose_config([f"strategy={strategy}"])["strategy"]
+    assert asdict(STRATEGY_PRESETS[strategy]) == hydra
+    preset = strategy_preset(strategy)
+    assert preset == STRATEGY_PRESETS[strategy] and preset is not STRATEGY_PRESETS[strategy]
+    assert preset.base_params is not STRATEGY_PRESETS[strategy].base_params  # a copy: changing it leaves the preset
+    assert isinstance(preset, FedGenStrategySettings) == (strategy == "fedgen")
+
+
+def test_every_strategy_file_is_a_preset() -> None:
+    assert _options("strategy") == sorted(STRATEGY_PRESETS)
+
+
+@pytest.mark.parametrize("attack", _options("attack"))
+def test_each_attack_file_sets_its_trigger_and_the_schema_the_rest(attack: str) -> None:
+    """``attack=<trigger>`` is :class:`AttackSettings` with that trigger; ``none`` poisons nothing."""
+    expected = AttackSettings(poison_rate=0.0, num_malicious=0) if attack == "none" else AttackSettings(trigger=attack)
+    assert compose_config([f"attack={attack}"])["attack"] == asdict(expected)
+
+
+@pytest.mark.parametrize("dataset", _options("dataset"))
+def test_each_dataset_file_is_its_settings(dataset: str, monkeypatch) -> None:
+    monkeypatch.delenv("ABD_DATA_ROOT", raising=False)
+    shipped = {"digits": DatasetSettings("digits", None, 8), "mnist5k": DatasetSettings("mnist5k", None, 28)}
+    expected = shipped.get(dataset, DatasetSettings(dataset, root="data"))  # local folders: $ABD_DATA_ROOT, else data
+    assert compose_config([f"dataset={dataset}"])["dataset"] == asdict(expected)
+
+
+def test_the_default_groups_are_the_dataclass_defaults() -> None:
+    cfg = compose_config()
+    assert cfg["model"] == asdict(ModelSettings())
+    assert cfg["simulation"] == asdict(SimulationSettings()) and SimulationSettings().client_resources == ClientResources()
+    assert cfg["attack"] == asdict(AttackSettings()) and cfg["strategy"] == asdict(StrategySettings())
+    assert cfg["dataset"] == asdict(DatasetSettings(image_size=8))
+    top = asdict(RunSettings())
+    assert {k: cfg[k] for k in top} == top and list(cfg)[len(cfg) - len(top):] == list(top)  # groups first, then these
+    assert RunSettings().teachers == TeachersSettings() and RunSettings().clean_kd_reference == CleanKDReferenceSettings()
+    assert ModelSettings(**compose_config(["model=wrn"])["model"]) == ModelSettings("wrn16_2", "wrn16_1", 5)
+    assert ModelSettings(**compose_config(["model=mnist_lenet"])["model"]) == ModelSettings("lenet", "lenet_small", 1)
+
+
+def test_dataset_model_and_attack_settings_build_what_they_describe() -> None:
+    bundle = DatasetSettings(image_size=8).load(seed=0)
+    assert bundle.train.shape == (1, 8, 8)
+    student = ModelSettings(student="cnn_small").build("student", bundle.num_classes, bundle.in_channels, bundle.mean, bundle.std)
+    assert student(torch.rand(2, 1, 8, 8)).shape == (2, bundle.num_classes)
+    with pytest.raises(ValueError, match="unknown model role 'server'"):
+        ModelSettings().build("server", 10, 1, [0.5], [0.5])
+    cfg = compose_config(["attack.num_malicious=1", "seed=4"])
+    schedule = AttackSettings(num_malicious=1).schedule(num_clients=6, seed=4)
+    from abd_fl.experiment import malicious_ids
+
+    assert schedule.ever_malicious(1) == malicious_ids(cfg) and len(malicious_ids(cfg)) == 1
+
+
+def test_strategy_settings_build_the_flower_strategy() -> None:
+    from flwr.serverapp.strategy import Krum
+
+    krum = base_strategy("krum", num_clients=6)
+    assert type(krum) is Krum and krum.num_malicious_nodes == 2
+    changed = strategy_preset("fedgen", fedgen=FedGenConfig(steps=5), fraction_train=0.5)
+    assert changed.fedgen.steps == 5 and changed.mode == "multi_round" and STRATEGY_PRESETS["fedgen"].fedgen.steps == 100
+    assert type(base_strategy(changed, num_clients=4)) is FedAvg
+    with pytest.raises(ValueError, match=r"unknown strategy setting\(s\) \['fedgen'\] for 'krum'"):
+        strategy_preset("krum", fedgen=FedGenConfig())
+    with pytest.raises(ValueError, match="unknown strategy 'fedprox'"):
+        strategy_preset("fedprox")
+
+
 def test_abd_ti_differs_from_abd_only_by_its_documented_params() -> None:
     abd, ti = asdict(defense_preset("abd").params), asdict(defense_preset("abd_ti").params)
     assert {k for k in abd if abd[k] != ti[k]} == set(ABD_TI_PARAMS)
@@ -78,6 +167,20 @@ def test_abd_ti_differs_from_abd_only_by_its_documented_params() -> None:
         ("defense.params.sr_steps=x", "could not be converted to Integer"),
         ("defense.params.sr_config.n_delta=1.5", "could not be converted to Integer"),
         ("defense.params.use_sv=maybe", "is not a valid bool"),
+        ("dataset.image_size=big", "Value 'big' of type 'str' could not be converted to Integer"),
+        ("dataset.imagesize=8", "Key 'imagesize' not in 'DatasetSettings'"),
+        ("model.shuffle_layers=two", "Value 'two' of type 'str' could not be converted to Integer"),
+        ("model.teacher=cnn", "Key 'teacher' not in 'ModelSettings'"),
+        ("attack.poison_rate=half", "Value 'half' of type 'str' could not be converted to Float"),
+        ("attack.poison=0.1", "Key 'poison' not in 'AttackSettings'"),
+        ("strategy.fraction_train=all", "Value 'all' of type 'str' could not be converted to Float"),
+        ("strategy.basis=krum", "Key 'basis' not in 'StrategySettings'"),
+        ("simulation.num_clients=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("simulation.client_resources.tpus=1", "Key 'tpus' not in 'ClientResources'"),
+        ("seed=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("sead=1", "Key 'sead' not in 'ConfigSchema'"),
+        ("clean_kd_reference.iterations=1.5", "Value '1.5' of type 'float' could not be converted to Integer"),
+        ("teachers.fmt=pt", "Key 'fmt' not in 'TeachersSettings'"),
     ],
 )
 def test_omegaconf_refuses_a_wrong_type_or_key_when_composing(override: str, message: str) -> None:

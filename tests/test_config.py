@@ -53,6 +53,27 @@ def test_bad_values_fail_with_one_line(override: str, message: str | None) -> No
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+attack.poison=0.1", "unknown attack key(s) ['poison']; known: trigger, trigger_params, poison_rate,"),
+        ("+dataset.imagesize=8", "unknown dataset key(s) ['imagesize']; known: name, root, image_size"),
+        ("+model.teacher=cnn", "unknown model key(s) ['teacher']; known: client, student, shuffle_layers"),
+        ("+strategy.basis=krum", "unknown strategy key(s) ['basis']; known: name, base, base_params, mode, fraction_train, fedgen"),
+        ("+simulation.client_resources.tpus=1", "unknown simulation.client_resources key(s) ['tpus']; known: num_cpus, num_gpus"),
+        ("+sead=1", "unknown top-level key(s) ['sead']; known: dataset, model, attack, distill, strategy, defense, simulation, name,"),
+        ("+teachers.fmt=pt", "unknown teachers key(s) ['fmt']; known: which, format, out"),
+    ],
+)
+def test_a_key_added_to_a_typed_group_with_plus_fails_with_one_line(override: str, message: str) -> None:
+    """Hydra's ``+key=value`` adds a key the schema does not have (OmegaConf lets it through on
+    purpose): validation refuses it, naming the group's fields."""
+    cfg = compose_config([override])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 def test_missing_local_dataset_folder_names_the_folder(tmp_path: Path) -> None:
     cfg = compose_config(["dataset=cifar10", f"dataset.root={tmp_path / 'nowhere'}"])
     validate_config(cfg)
@@ -91,6 +112,8 @@ def test_cli_rejects_a_bad_value_before_starting_anything() -> None:
     [
         ("distill.iterations=abc", "distill.iterations=abc: Value 'abc' of type 'str' could not be converted to Integer"),
         ("defense.params.nope=1", "Key 'nope' not in 'ABDConfig'"),
+        ("simulation.num_clients=abc", "simulation.num_clients=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("dataset.imagesize=8", "Could not override 'dataset.imagesize': Key 'imagesize' not in 'DatasetSettings'"),
     ],
 )
 def test_cli_refuses_a_wrong_type_or_key_of_a_typed_group_in_one_line(override: str, message: str) -> None:
@@ -99,6 +122,41 @@ def test_cli_refuses_a_wrong_type_or_key_of_a_typed_group_in_one_line(override: 
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("abd-fl: config error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("dataset.image_size=big", "could not be converted to Integer"),
+        ("dataset.imagesize=8", "Key 'imagesize' not in 'DatasetSettings'"),
+        ("model.shuffle_layers=two", "could not be converted to Integer"),
+        ("model.teacher=cnn", "Key 'teacher' not in 'ModelSettings'"),
+        ("attack.single_shot=maybe", "is not a valid bool"),
+        ("attack.poison=0.1", "Key 'poison' not in 'AttackSettings'"),
+        ("strategy.fraction_train=all", "could not be converted to Float"),
+        ("strategy.basis=krum", "Key 'basis' not in 'StrategySettings'"),
+        ("simulation.num_clients=abc", "could not be converted to Integer"),
+        ("simulation.client_resources.tpus=1", "Key 'tpus' not in 'ClientResources'"),
+        ("seed=abc", "could not be converted to Integer"),
+        ("teachers.fmt=pt", "Key 'fmt' not in 'TeachersSettings'"),
+    ],
+)
+def test_the_cli_entry_point_refuses_each_typed_groups_wrong_type_and_unknown_key(override: str, message: str, monkeypatch, capsys) -> None:
+    """``abd-fl``'s ``main`` for every group (in this process; the subprocess test above runs the
+    real command for two of them): one line on stderr naming the key, exit code 2, no run."""
+    from abd_fl import cli
+
+    def no_run() -> None:
+        raise AssertionError(f"Hydra was started for {override}")
+
+    monkeypatch.setattr(cli, "_hydra_main", no_run)
+    monkeypatch.setattr(sys, "argv", ["abd-fl", override])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("abd-fl: config error: "), lines
+    assert message in lines[0] and override.split("=")[0] in lines[0], lines
 
 
 def test_cli_stops_on_a_missing_dataset_folder_before_ray_starts(tmp_path: Path) -> None:

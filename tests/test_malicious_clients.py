@@ -114,12 +114,9 @@ def test_scale_update_is_model_replacement() -> None:
         (["attack.start_round=0"], "attack.start_round must be in [1, inf], got 0"),
         (["attack.start_round=2"], "attack.start_round=2 is after the last round (simulation.rounds=1)"),
         (["attack.every=0"], "attack.every must be in [1, inf], got 0"),
-        (["attack.single_shot=maybe"], "attack.single_shot must be true or false, got 'maybe'"),
         (["attack.local_epochs=-1"], "attack.local_epochs must be in [0, inf], got -1"),
-        (["attack.local_epochs=1.5"], "attack.local_epochs must be an integer, got 1.5"),
         (["attack.local_lr=0"], "attack.local_lr must be a finite number > 0 or null"),
         (["attack.scale=0"], "attack.scale must be a finite number > 0 (1 = no scaling), got 0"),
-        (["attack.scale=big"], "attack.scale must be a number, got 'big'"),
         (["runner=train_teachers", "teachers.which=clients", "attack=none"], "teachers.which=clients trains one teacher per malicious client"),
         (["teachers.which=all"], "unknown teachers.which 'all'; choose one of: central, clients, both"),
         (["teachers.format=onnx"], "unknown teachers.format 'onnx'; choose one of: pt, safetensors"),
@@ -130,6 +127,22 @@ def test_bad_attacker_settings_fail_with_one_line(overrides: list[str], message:
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("attack.single_shot=maybe", "Value 'maybe' is not a valid bool"),
+        ("attack.local_epochs=1.5", "Value '1.5' of type 'float' could not be converted to Integer"),
+        ("attack.scale=big", "Value 'big' of type 'str' could not be converted to Float"),
+        ("attack.malicious_ids=[1,x]", "Value 'x' of type 'str' could not be converted to Integer"),
+    ],
+)
+def test_attacker_settings_of_a_wrong_type_are_refused_when_composing(override: str, message: str) -> None:
+    """The attack group's types are its schema's (abd_fl/attacks/settings.py): one line, naming the override."""
+    with pytest.raises(ConfigError) as err:
+        compose_config([override])
+    assert message in str(err.value) and override in str(err.value) and "\n" not in str(err.value)
 
 
 def test_good_attacker_settings_pass() -> None:

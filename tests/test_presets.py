@@ -104,7 +104,9 @@ def test_fedgen_settings_are_validated() -> None:
         validate_config(compose_config(["strategy=fedgen", "strategy.fedgen.steps=-1"]))
     with pytest.raises(ConfigError, match="unknown strategy.fedgen.label_sampling 'zipf'"):
         validate_config(compose_config(["strategy=fedgen", "strategy.fedgen.label_sampling=zipf"]))
-    with pytest.raises(ConfigError, match="bad strategy.fedgen: .*unexpected keyword argument 'alpha'"):
+    with pytest.raises(ConfigError, match="Key 'alpha' not in 'FedGenConfig'"):  # the schema (abd_fl/settings/strategy.py)
+        compose_config(["strategy=fedgen", "strategy.fedgen.alpha=1"])
+    with pytest.raises(ConfigError, match="bad strategy.fedgen: .*unexpected keyword argument 'alpha'"):  # added on purpose
         validate_config(compose_config(["strategy=fedgen", "+strategy.fedgen.alpha=1"]))
     with pytest.raises(ConfigError, match="unknown strategy.name 'fedprox'"):
         validate_config(compose_config(["strategy.name=fedprox"]))
