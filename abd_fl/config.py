@@ -32,7 +32,14 @@ from abd_fl.models import MODEL_NAMES
 from abd_fl.models.settings import ModelSettings
 from abd_fl.settings.run import GROUPS, CleanKDReferenceSettings, RunSettings, TeachersSettings
 from abd_fl.settings.simulation import SimulationSettings
-from abd_fl.settings.strategy import BASE_STRATEGIES, MODES, PRESET_MODES, STRATEGY_NAMES, FedGenStrategySettings
+from abd_fl.settings.strategy import (
+    BASE_STRATEGIES,
+    KD_TEACHER_SETS,
+    MODES,
+    PRESET_MODES,
+    STRATEGY_NAMES,
+    FedGenStrategySettings,
+)
 
 __all__ = ["BASE_STRATEGIES", "MODES", "PRESET_MODES", "STRATEGY_NAMES", "ConfigError", "validate_config"]
 
@@ -91,6 +98,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("trigger", attack["trigger"], trigger_names())
     _choice("strategy.base", strat["base"], BASE_STRATEGIES)
     _choice("strategy.mode", strat["mode"], MODES)
+    _choice("strategy.teachers", strat.get("teachers", "all"), KD_TEACHER_SETS)
     _validate_strategy_preset(strat)
     top = [*GROUPS, *(f.name for f in fields(RunSettings))]
     unknown = sorted(str(k) for k in cfg if k not in top)

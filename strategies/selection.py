@@ -15,8 +15,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import Bulyan, MultiKrum, Strategy
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
-TEACHER_SETS = ("all", "selected")
-"""``all``: every valid reply teaches; ``selected``: only those the base's selection keeps."""
+from abd_fl.settings.strategy import KD_TEACHER_SETS as TEACHER_SETS  # all | selected
 
 
 def base_selection(base: Strategy, replies: Sequence[Message]) -> list[int] | None:

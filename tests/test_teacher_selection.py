@@ -103,3 +103,13 @@ def test_an_unknown_teacher_set_is_a_one_line_error() -> None:
     with pytest.raises(ValueError, match=r"^unknown DataFreeKD teachers 'trusted'; choose one of: all, selected$"):
         DataFreeKD(make_base_strategy("krum", {"num_malicious_nodes": 2}, 7, 1.0), model, model,
                    lambda *a: None, teachers="trusted")  # type: ignore[arg-type, return-value]
+
+
+def test_the_strategy_group_carries_the_teacher_set() -> None:
+    from abd_fl.config import ConfigError, validate_config
+    from abd_fl.paths import compose_config
+
+    cfg = compose_config(["strategy=krum", "strategy.teachers=selected"])
+    assert cfg["strategy"]["teachers"] == "selected" and compose_config([])["strategy"]["teachers"] == "all"
+    with pytest.raises(ConfigError, match=r"^unknown strategy.teachers 'some'; choose one of: all, selected$"):
+        validate_config(compose_config(["strategy.teachers=some"]))

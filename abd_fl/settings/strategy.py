@@ -25,6 +25,8 @@ Krum, MultiKrum, Bulyan), each also a preset of its own name."""
 MODES = ("one_shot", "multi_round")
 """``strategy.mode``: ``one_shot`` (DENSE: one round, a fresh student) | ``multi_round``
 (FedFTG-style: every round the student starts from the aggregate)."""
+KD_TEACHER_SETS = ("all", "selected")
+"""``strategy.teachers``: every valid reply teaches, or only those the base's selection keeps."""
 PRESET_MODES = {"dense": "one_shot", "fedftg": "multi_round", "feddf": "multi_round", "fedgen": "multi_round"}
 """The FL algorithms offered as ``strategy=<name>`` presets, each with the mode it is defined by."""
 STRATEGY_NAMES = BASE_STRATEGIES + tuple(PRESET_MODES)
@@ -50,6 +52,10 @@ class StrategySettings:
     ``model.client``). An FL algorithm's preset is defined by its mode (:data:`PRESET_MODES`)."""
     fraction_train: float = 1.0
     """Share of the clients sampled for training each round, in (0, 1]."""
+    teachers: str = "all"
+    """Which client models teach the data-free KD step: ``all`` (every valid reply) |
+    ``selected`` (only the replies the base's selection keeps: Krum, MultiKrum, Bulyan;
+    every reply for the other bases). How they are combined is ``distill.ensemble``."""
 
 
 @dataclass
