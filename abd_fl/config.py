@@ -39,6 +39,7 @@ from abd_fl.settings.strategy import (
     PRESET_MODES,
     STRATEGY_NAMES,
     FedGenStrategySettings,
+    UpdateCheckSettings,
 )
 
 __all__ = ["BASE_STRATEGIES", "MODES", "PRESET_MODES", "STRATEGY_NAMES", "ConfigError", "validate_config"]
@@ -99,6 +100,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _choice("strategy.base", strat["base"], BASE_STRATEGIES)
     _choice("strategy.mode", strat["mode"], MODES)
     _choice("strategy.teachers", strat.get("teachers", "all"), KD_TEACHER_SETS)
+    try:
+        UpdateCheckSettings(**(strat.get("update_check") or {})).validate()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     _validate_strategy_preset(strat)
     top = [*GROUPS, *(f.name for f in fields(RunSettings))]
     unknown = sorted(str(k) for k in cfg if k not in top)

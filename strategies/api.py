@@ -64,7 +64,13 @@ from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.models.settings import ModelSettings
 from abd_fl.settings.run import CleanKDReferenceSettings, RunSettings, TeachersSettings
 from abd_fl.settings.simulation import ClientResources, SimulationSettings
-from abd_fl.settings.strategy import STRATEGY_PRESETS, FedGenStrategySettings, StrategySettings, strategy_preset
+from abd_fl.settings.strategy import (
+    STRATEGY_PRESETS,
+    FedGenStrategySettings,
+    StrategySettings,
+    UpdateCheckSettings,
+    strategy_preset,
+)
 from strategies.datafree_kd import MODES, DataFreeKD, RoundOutcome, make_base_strategy
 from strategies.server_app import make_distill_fn
 
@@ -91,6 +97,7 @@ __all__ = [
     "defense_preset",
     "StrategySettings",
     "FedGenStrategySettings",
+    "UpdateCheckSettings",
     "FedGenConfig",
     "STRATEGY_PRESETS",
     "strategy_preset",
@@ -142,6 +149,7 @@ def datafree_kd(
     progress: bool = False,
     on_round: Callable[[RoundOutcome], None] | None = None,
     teachers: str = "all",
+    update_check: UpdateCheckSettings | None = None,
 ) -> DataFreeKD:
     """Wrap ``base`` (FedAvg, FedMedian, Krum, ...) in :class:`DataFreeKD` with a data-free KD
     step (Algorithm 1's loop) defended by ``defense`` (ABD, Algorithm 2).
@@ -161,6 +169,8 @@ def datafree_kd(
     - ``teachers``: ``all`` (every valid reply teaches) or ``selected`` (only the replies the
       base's selection rule keeps: Krum, MultiKrum, Bulyan; every reply for other bases).
       How several teachers are combined is the distill settings' ``ensemble`` rule.
+    - ``update_check``: :class:`UpdateCheckSettings` (default: out-of-line updates flagged and
+      logged, kept; a 256 MB cap on a reply); ``action="reject"`` or ``"clip"`` acts on them.
     - ``on_round(outcome)``: called after each round with the teachers, every arm's student
       and the defense's report (:class:`RoundOutcome`).
 
@@ -185,4 +195,5 @@ def datafree_kd(
         mode=mode,
         on_round=on_round,
         teachers=teachers,
+        update_check=update_check,
     )

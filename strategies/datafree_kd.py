@@ -39,7 +39,9 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from abd_fl.distill import DistillResult
+from abd_fl.settings.strategy import UpdateCheckSettings
 from strategies.selection import TEACHER_SETS, base_selection
+from strategies.update_checks import UpdateFlag, check_updates
 from strategies.validation import DEFAULT_WEIGHT_KEY, split_valid_replies
 
 log = logging.getLogger("abd_fl")
@@ -65,6 +67,9 @@ class RoundOutcome:
     excluded: list[dict[str, Any]] = field(default_factory=list)
     """``teachers="selected"``: the facts (``teacher_info``) of the valid replies the base's
     selection left out, which did not teach this round."""
+    update_flags: list[UpdateFlag] = field(default_factory=list)
+    """Replies whose update was out of line with the round's others, and what was done
+    (:mod:`strategies.update_checks`)."""
 
 
 class ServerExtension(Protocol):
@@ -111,6 +116,7 @@ class DataFreeKD(Strategy):
         on_round: Callable[[RoundOutcome], None] | None = None,
         extension: ServerExtension | None = None,
         teachers: str = "all",
+        update_check: UpdateCheckSettings | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown DataFreeKD mode '{mode}'; choose one of: {', '.join(MODES)}")
@@ -127,6 +133,9 @@ class DataFreeKD(Strategy):
         self.on_round = on_round
         self.extension = extension
         self.teachers = teachers
+        self.update_check = update_check or UpdateCheckSettings()
+        self.update_check.validate()
+        self._global: ArrayRecord | None = None  # the model the last configure_train sent
         self._reference = state_signature(client_model_fn())
         if mode == "multi_round" and state_signature(student_model_fn()) != self._reference:
             raise ValueError("multi_round mode distils into the aggregated model: student and client architectures must match")
@@ -144,6 +153,7 @@ class DataFreeKD(Strategy):
         if self.mode == "one_shot":
             arrays = ArrayRecord(self.client_model_fn().state_dict())  # clients start from the client architecture
         config["server-round"] = server_round  # clients' attack schedules need it, whatever the base strategy sends
+        self._global = arrays
         messages = list(self.base.configure_train(server_round, arrays, config, grid))
         if self.extension is not None:
             messages = self.extension.configure_train(server_round, messages)
@@ -168,6 +178,8 @@ class DataFreeKD(Strategy):
         extra_check = self.extension.reply_problem if self.extension is not None else None
         weight_key = str(getattr(self.base, "weighted_by_key", DEFAULT_WEIGHT_KEY))
         valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check, weight_key)
+        valid, out_of_line, flags = check_updates(valid, self._global, self.update_check, server_round)
+        rejected += out_of_line
         if not valid:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
             return None, None
@@ -210,7 +222,9 @@ class DataFreeKD(Strategy):
 
         if self.on_round is not None:
             self.on_round(
-                RoundOutcome(server_round, teachers, info, aggregated, students, results, rejected, timings, extension_logs, excluded)
+                RoundOutcome(
+                    server_round, teachers, info, aggregated, students, results, rejected, timings, extension_logs, excluded, flags
+                )
             )
         primary = students[self.arms[0]]
         metrics = MetricRecord(dict(agg_metrics)) if agg_metrics is not None else MetricRecord()

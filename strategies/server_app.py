@@ -41,6 +41,7 @@ from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.distill.settings import DistillSettings, distill_settings
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
+from abd_fl.settings.strategy import UpdateCheckSettings
 from strategies.datafree_kd import DataFreeKD, DistillFn, RoundOutcome, load_arrays, make_base_strategy
 from strategies.fedgen import FedGenExtension
 
@@ -231,6 +232,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             "rejected": [{"node_id": n, "reason": r} for n, r in outcome.rejected],
             # strategy.teachers=selected: valid replies the base's selection (Krum, MultiKrum, Bulyan) left out of KD
             "teachers_excluded": outcome.excluded,
+            "update_flags": [f.record() for f in outcome.update_flags],
             "distill": {
                 arm: {"wall_s": r.wall_s, "defense_s": r.defense_s, "defense": r.defense_report, "history": r.history}
                 for arm, r in outcome.distill_results.items()
@@ -262,6 +264,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         on_round=on_round,
         extension=extension,
         teachers=str(cfg["strategy"].get("teachers", "all")),
+        update_check=UpdateCheckSettings(**(cfg["strategy"].get("update_check") or {})),
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:

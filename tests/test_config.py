@@ -59,7 +59,7 @@ def test_bad_values_fail_with_one_line(override: str, message: str | None) -> No
         ("+attack.poison=0.1", "unknown attack key(s) ['poison']; known: trigger, trigger_params, poison_rate,"),
         ("+dataset.imagesize=8", "unknown dataset key(s) ['imagesize']; known: name, root, image_size"),
         ("+model.teacher=cnn", "unknown model key(s) ['teacher']; known: client, student, shuffle_layers"),
-        ("+strategy.basis=krum", "unknown strategy key(s) ['basis']; known: name, base, base_params, mode, fraction_train, teachers, fedgen"),
+        ("+strategy.basis=krum", "unknown strategy key(s) ['basis']; known: name, base, base_params, mode, fraction_train, teachers, update_check, fedgen"),
         ("+simulation.client_resources.tpus=1", "unknown simulation.client_resources key(s) ['tpus']; known: num_cpus, num_gpus"),
         ("+sead=1", "unknown top-level key(s) ['sead']; known: dataset, model, attack, distill, strategy, defense, simulation, name,"),
         ("+teachers.fmt=pt", "unknown teachers key(s) ['fmt']; known: which, format, out"),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from abd_fl.distill.fedgen import FedGenConfig
 
@@ -31,6 +31,45 @@ PRESET_MODES = {"dense": "one_shot", "fedftg": "multi_round", "feddf": "multi_ro
 """The FL algorithms offered as ``strategy=<name>`` presets, each with the mode it is defined by."""
 STRATEGY_NAMES = BASE_STRATEGIES + tuple(PRESET_MODES)
 """``strategy.name``: every preset."""
+
+
+UPDATE_ACTIONS = ("off", "keep", "reject", "clip")
+"""``strategy.update_check.action``: what happens to a reply whose update is out of line."""
+UPDATE_METRICS = ("distance", "norm")
+"""``strategy.update_check.metric``: the figure judged (distance from the global model, or norm)."""
+
+
+@dataclass
+class UpdateCheckSettings:
+    """Checks of each round's valid replies against each other (``strategies/update_checks.py``):
+    a reply whose figure's robust z-score, ``(figure - median) / (1.4826 * MAD)`` over the
+    round's replies, exceeds ``threshold`` is flagged and logged, then handled by ``action``."""
+
+    action: str = "keep"
+    """``off`` (not computed) | ``keep`` (flagged and logged only) | ``reject`` (dropped, as an
+    invalid reply) | ``clip`` (its update scaled onto the flag line)."""
+    metric: str = "distance"
+    """``distance``: L2 distance of the reply's float arrays from the model the round sent (the
+    update's norm) | ``norm``: the L2 norm of the arrays themselves."""
+    threshold: float = 3.5
+    """Robust z-score above which a reply is flagged (3.5: Iglewicz and Hoaglin's outlier rule)."""
+    min_replies: int = 3
+    """Fewer valid replies than this: nothing is flagged (a median of two says nothing)."""
+    max_reply_mb: Optional[float] = 256.0
+    """A reply larger than this (all its records, MB) is rejected unread; null = no cap."""
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (one line: key, value, what is allowed) on a bad value."""
+        if self.action not in UPDATE_ACTIONS:
+            raise ValueError(f"unknown strategy.update_check.action '{self.action}'; choose one of: {', '.join(UPDATE_ACTIONS)}")
+        if self.metric not in UPDATE_METRICS:
+            raise ValueError(f"unknown strategy.update_check.metric '{self.metric}'; choose one of: {', '.join(UPDATE_METRICS)}")
+        if not self.threshold > 0:
+            raise ValueError(f"strategy.update_check.threshold must be > 0, got {self.threshold!r}")
+        if self.min_replies < 3:
+            raise ValueError(f"strategy.update_check.min_replies must be an integer >= 3, got {self.min_replies!r}")
+        if self.max_reply_mb is not None and not self.max_reply_mb > 0:
+            raise ValueError(f"strategy.update_check.max_reply_mb must be null or > 0, got {self.max_reply_mb!r}")
 
 
 @dataclass
@@ -56,6 +95,8 @@ class StrategySettings:
     """Which client models teach the data-free KD step: ``all`` (every valid reply) |
     ``selected`` (only the replies the base's selection keeps: Krum, MultiKrum, Bulyan;
     every reply for the other bases). How they are combined is ``distill.ensemble``."""
+    update_check: UpdateCheckSettings = field(default_factory=UpdateCheckSettings)
+    """Each round's valid replies checked against each other (out-of-line updates; a size cap)."""
 
 
 @dataclass
