@@ -22,6 +22,7 @@ from abd_fl.attacks.schedule import ATTACKER_POOLS, schedule_from_config
 from abd_fl.attacks.settings import AttackSettings
 from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_checkpoint_paths
 from abd_fl.data import DATASET_NAMES
+from abd_fl.data.registry import dataset_num_classes
 from abd_fl.data.settings import DatasetSettings
 from abd_fl.defense import DEFENSE_NAMES
 from abd_fl.defense.settings import defense_settings
@@ -130,7 +131,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"unknown device '{device}'; choose one of: auto, cpu, cuda, cuda:N")
 
     _range("attack.poison_rate", attack["poison_rate"], 0.0, 1.0)
-    _range("attack.target_label", attack["target_label"], 0, None)
+    try:
+        classes = dataset_num_classes(ds["name"], ds.get("image_size"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _range("attack.target_label", attack["target_label"], 0, classes - 1)
     _range("simulation.num_clients", sim["num_clients"], 1, None)
     _range("simulation.rounds", sim["rounds"], 1, None)
     _range("simulation.alpha", sim["alpha"], 1e-9, None)

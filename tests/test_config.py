@@ -40,6 +40,24 @@ def test_default_config_is_valid() -> None:
         ("defense.name=vaccine", "unknown defense 'vaccine'; choose one of: none, abd, sv, sr"),
         ("defense.params.sr_fraction=2.0", "bad defense.params: defense.sr_fraction must be in [0, 1], got 2.0"),
         ("defense.params.sr_config.portion=0.0", "bad defense.params: SRConfig.portion"),
+        # issue 15, item 5: more values and impossible combinations, each one line before anything starts
+        ("attack.target_label=12", "attack.target_label must be in [0, 9], got 12"),
+        ("dataset.image_size=3", "digits image_size 3 is not supported; choose one of: 8, 16, 24, 32"),
+        ("dataset=mnist5k dataset.image_size=30", "mnist5k image_size 30 is not supported; choose 28 (native), 32"),
+        ("simulation.num_clients=1", "attack.num_malicious=2 is more than simulation.num_clients=1"),
+        ("strategy=fedftg model.student=cnn_small", "strategy.mode=multi_round distils into the aggregated model, so "
+         "model.student must equal model.client, got student=cnn_small client=cnn"),
+        ("strategy=bulyan", "strategy.base=bulyan with num_malicious_nodes=1 needs at least 7 replies per round"),
+        ("strategy=fedgen strategy.mode=one_shot", "strategy=fedgen is defined by strategy.mode=multi_round, got strategy.mode=one_shot"),
+        ("simulation.alpha=0", "simulation.alpha must be in [1e-09, inf], got 0.0"),
+        ("strategy.fraction_train=0", "strategy.fraction_train must be in [1e-09, 1.0], got 0.0"),
+        ("distill.temperature=0", "distill.temperature must be > 0, got 0.0"),
+        ("simulation.local_batch_size=0", "simulation.local_batch_size must be in [1, inf], got 0"),
+        ("attack.scale=-1", "attack.scale must be a finite number > 0 (1 = no scaling), got -1.0"),
+        ("simulation.partition=shards", "unknown simulation.partition 'shards'; choose one of: iid, dirichlet"),
+        ("distill.ensemble=avg", "unknown distill.ensemble 'avg'; choose one of: mean_logits"),
+        ("strategy.teachers=some", "unknown strategy.teachers 'some'; choose one of: all, selected"),
+        ("strategy.update_check.action=drop", "unknown strategy.update_check.action 'drop'; choose one of: off, keep"),
     ],
 )
 def test_bad_values_fail_with_one_line(override: str, message: str | None) -> None:
@@ -47,7 +65,7 @@ def test_bad_values_fail_with_one_line(override: str, message: str | None) -> No
         with pytest.raises(Exception, match="nothing_at_all"):
             compose_config([override])
         return
-    cfg = compose_config([override])
+    cfg = compose_config(override.split(" "))
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
@@ -68,7 +86,7 @@ def test_bad_values_fail_with_one_line(override: str, message: str | None) -> No
 def test_a_key_added_to_a_typed_group_with_plus_fails_with_one_line(override: str, message: str) -> None:
     """Hydra's ``+key=value`` adds a key the schema does not have (OmegaConf lets it through on
     purpose): validation refuses it, naming the group's fields."""
-    cfg = compose_config([override])
+    cfg = compose_config(override.split(" "))
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert message in str(err.value) and "\n" not in str(err.value)
