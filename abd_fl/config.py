@@ -23,6 +23,8 @@ from abd_fl.attacks.settings import AttackSettings
 from abd_fl.checkpoints import CHECKPOINT_SUFFIXES, CheckpointError, client_checkpoint_paths
 from abd_fl.data import DATASET_NAMES
 from abd_fl.data.registry import dataset_num_classes
+from abd_fl.results.round_checkpoint import ResumeError, resolve_resume
+from abd_fl.settings.faults import FaultSettings
 from abd_fl.data.settings import DatasetSettings
 from abd_fl.defense import DEFENSE_NAMES
 from abd_fl.defense.settings import defense_settings
@@ -155,6 +157,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         _range("clean_kd_reference.fraction", ref["fraction"], 1e-9, 1.0)
 
     _validate_attackers(cfg)
+    _validate_resume(cfg)
+    try:
+        FaultSettings(**(cfg.get("fault") or {})).validate(int(sim["num_clients"]))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
     _validate_checkpoints(cfg)
     _validate_bulyan(strat, sim)
     if strat["mode"] == "one_shot" and sim["rounds"] != 1:
@@ -177,6 +184,19 @@ def _known_keys(key: str, values: Mapping[str, Any], cls: type) -> None:
     for name in known:
         if is_dataclass(hints[name]) and isinstance(values.get(name), Mapping):
             _known_keys(f"{key}.{name}", values[name], hints[name])
+
+
+def _validate_resume(cfg: Mapping[str, Any]) -> None:
+    """``resume`` names a run directory with round checkpoints, and the run is federated."""
+    resume = cfg.get("resume")
+    if not resume:
+        return
+    if cfg.get("runner", "federated") != "federated":
+        raise ConfigError(f"resume={resume} continues a federated run; runner={cfg.get('runner')} has no rounds to resume")
+    try:
+        resolve_resume(str(resume), str(cfg.get("output_dir", "outputs")))
+    except ResumeError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _validate_bulyan(strat: Mapping[str, Any], sim: Mapping[str, Any]) -> None:

@@ -33,6 +33,8 @@ from flwr.clientapp import ClientApp
 from abd_fl.device import resolve_device
 from abd_fl.distill.fedgen import GENERATOR_RECORD_KEY, FedGenRegularizer, GeneratorPayloadError
 from abd_fl.experiment import build_bundle, client_update, fedgen_regularizer
+from abd_fl.settings.faults import FaultSettings
+from clients.faults import break_reply
 
 CONFIG_KEY = "abd-config"
 
@@ -60,6 +62,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 1))
     partition_id = int(context.node_config["partition-id"])
     torch.set_num_threads(max(1, int(cfg["simulation"]["client_resources"]["num_cpus"])))
+    fault = FaultSettings(**(cfg.get("fault") or {}))
+    faulty = fault.faulty(partition_id, server_round, int(cfg["simulation"]["num_clients"]), int(cfg["seed"]))
+    if faulty and fault.kind == "raise":
+        raise RuntimeError(f"fault.kind=raise: client {partition_id} fails in round {server_round} (injected)")
     bundle = build_bundle(cfg)
     regularizer = regularizer_from_content(msg.content, cfg, server_round, partition_id)
     update = client_update(
@@ -84,4 +90,6 @@ def train(msg: Message, context: Context) -> Message:
     if regularizer is not None and regularizer.calls > 0:
         metrics["fedgen-reg-loss"] = float(regularizer.last_loss)
     content = RecordDict({"arrays": ArrayRecord(update.model.state_dict()), "metrics": metrics})
+    if faulty:
+        content = break_reply(content, fault.kind)
     return Message(content=content, reply_to=msg)

@@ -117,6 +117,7 @@ class DataFreeKD(Strategy):
         extension: ServerExtension | None = None,
         teachers: str = "all",
         update_check: UpdateCheckSettings | None = None,
+        first_round: int = 1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown DataFreeKD mode '{mode}'; choose one of: {', '.join(MODES)}")
@@ -133,12 +134,20 @@ class DataFreeKD(Strategy):
         self.on_round = on_round
         self.extension = extension
         self.teachers = teachers
+        if isinstance(first_round, bool) or not isinstance(first_round, int) or first_round < 1:
+            raise ValueError(f"DataFreeKD first_round must be an integer >= 1, got {first_round!r}")
+        self.first_round = first_round
+        """Round number of Flower's round 1 (> 1 when a run resumes): every hook sees the run's round."""
         self.update_check = update_check or UpdateCheckSettings()
         self.update_check.validate()
         self._global: ArrayRecord | None = None  # the model the last configure_train sent
         self._reference = state_signature(client_model_fn())
         if mode == "multi_round" and state_signature(student_model_fn()) != self._reference:
             raise ValueError("multi_round mode distils into the aggregated model: student and client architectures must match")
+
+    def run_round(self, flower_round: int) -> int:
+        """The run's round number of Flower's ``flower_round`` (they differ after a resume)."""
+        return flower_round + self.first_round - 1
 
     # ---- delegation -------------------------------------------------------------
     def summary(self) -> None:
@@ -147,6 +156,7 @@ class DataFreeKD(Strategy):
         self.base.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round = self.run_round(server_round)
         if self.mode == "one_shot" and server_round > 1:
             log.warning("one_shot mode: round %d skipped (clients train once)", server_round)
             return []
@@ -166,14 +176,15 @@ class DataFreeKD(Strategy):
         evaluate on the server, ``evaluate_fn``), so they send nothing. In one_shot mode
         with a student architecture unlike the clients', a client would get arrays its
         model does not fit."""
-        return self.base.configure_evaluate(server_round, arrays, config, grid)
+        return self.base.configure_evaluate(self.run_round(server_round), arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """The base's aggregation of the clients' evaluation metrics, unchanged."""
-        return self.base.aggregate_evaluate(server_round, replies)
+        return self.base.aggregate_evaluate(self.run_round(server_round), replies)
 
     # ---- the data-free KD step --------------------------------------------------
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round = self.run_round(server_round)
         t0 = time.perf_counter()
         extra_check = self.extension.reply_problem if self.extension is not None else None
         weight_key = str(getattr(self.base, "weighted_by_key", DEFAULT_WEIGHT_KEY))

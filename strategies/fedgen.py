@@ -52,6 +52,16 @@ class FedGenExtension:
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=settings.lr)
         self.trained = False
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the generator, its optimiser, whether it was trained."""
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(), "trained": self.trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output (``resume``)."""
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.trained = bool(state["trained"])
+
     def generator_record(self) -> ArrayRecord:
         """The generator's state as an ArrayRecord (CPU tensors)."""
         return ArrayRecord({k: v.detach().cpu() for k, v in self.generator.state_dict().items()})

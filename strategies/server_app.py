@@ -41,6 +41,14 @@ from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.distill.settings import DistillSettings, distill_settings
 from abd_fl.paths import compose_config
 from abd_fl.results import RunDir, finish_run
+from abd_fl.results.round_checkpoint import (
+    check_resumable,
+    finished_rounds,
+    load_round,
+    resolve_resume,
+    save_round,
+    truncate_metrics,
+)
 from abd_fl.settings.strategy import UpdateCheckSettings
 from strategies.datafree_kd import DataFreeKD, DistillFn, RoundOutcome, load_arrays, make_base_strategy
 from strategies.fedgen import FedGenExtension
@@ -189,9 +197,16 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     sim = cfg["simulation"]
     mal_ids = malicious_ids(cfg)
     schedule = attack_schedule(cfg).by_round(int(sim["rounds"]))
-    run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
-    run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
-    log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
+    resume = cfg.get("resume")
+    if resume:
+        run = RunDir(resolve_resume(str(resume), cfg.get("output_dir", "outputs")))
+        check_resumable(run.path, cfg)
+        run.mark_latest()
+        log.info("resuming %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
+    else:
+        run = RunDir.create(cfg.get("output_dir", "outputs"), str(cfg.get("name", "run")))
+        run.write_config({**cfg, "resolved": {"malicious_ids": mal_ids, "attackers_by_round": schedule, "device": str(device)}})
+        log.info("run directory: %s (malicious clients: %s; attackers by round: %s)", run.path, mal_ids, schedule)
     arms = distill_arms(cfg)
     fedgen = fedgen_settings(cfg)
 
@@ -242,6 +257,9 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         if extension is not None:
             record[extension.name] = outcome.extension  # e.g. FedGen's generator training
         run.append_metrics(record)
+        # the round is finished: what the next one needs, atomically (resume=<run dir>)
+        save_round(run.path, outcome.server_round, outcome.students[arms[0][0]].state_dict(),
+                   extension.state_dict() if extension is not None else None)
         state.update(teachers=outcome.teachers, metrics=metrics)
         for arm, _ in arms:
             m = metrics[arm]
@@ -254,6 +272,27 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     if fedgen is not None:
         extension = FedGenExtension(build_feature_generator(cfg, bundle, fedgen), fedgen, device=device, seed=int(cfg["seed"]))
     log.info("strategy: %s (mode %s, base %s)", strategy_name(cfg), cfg["strategy"]["mode"], cfg["strategy"]["base"])
+    total_rounds = int(sim["rounds"])
+    initial = student_model().state_dict()
+    first_round = 1
+    if resume:
+        done = max(finished_rounds(run.path))
+        summary_path = run.path / "summary.json"
+        if done >= total_rounds and summary_path.is_file():
+            log.info("resume: %s finished all %d rounds already; nothing to run", run.path, total_rounds)
+            return json.loads(summary_path.read_text())
+        # a run killed after its last round's checkpoint but before its summary reruns that round
+        start = min(done, total_rounds - 1)
+        checkpoint = load_round(run.path, start)
+        initial = checkpoint["global"]
+        if extension is not None and checkpoint.get("extension") is not None:
+            extension.load_state_dict(checkpoint["extension"])
+        kept = truncate_metrics(run.path, start)
+        first_round = start + 1
+        log.info("resume: from round %d's checkpoint, rounds %d-%d to run (%d metrics lines kept)",
+                 start, first_round, total_rounds, kept)
+    else:
+        save_round(run.path, 0, initial, extension.state_dict() if extension is not None else None)
     strategy = DataFreeKD(
         base,
         client_model,
@@ -265,6 +304,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
         extension=extension,
         teachers=str(cfg["strategy"].get("teachers", "all")),
         update_check=UpdateCheckSettings(**(cfg["strategy"].get("update_check") or {})),
+        first_round=first_round,
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -273,8 +313,8 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
 
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(student_model().state_dict()),
-        num_rounds=int(sim["rounds"]),
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=total_rounds - first_round + 1,
         train_config=ConfigRecord({CONFIG_KEY: json.dumps(cfg)}),
         evaluate_fn=evaluate_fn,
     )

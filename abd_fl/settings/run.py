@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from abd_fl.settings.faults import FaultSettings
+
 GROUPS = ("dataset", "model", "attack", "distill", "strategy", "defense", "simulation")
 """The config groups of ``configs/config.yaml``, in its defaults list's order (a slot each in
 ``config_schema``, before the top-level keys)."""
@@ -63,6 +65,13 @@ class RunSettings:
     """Folder the run directories are written to."""
     progress: bool = True
     """Progress bars for long loops."""
+    resume: Optional[str] = None
+    """``runner=federated``: continue a killed run from its last finished round: ``latest``
+    (``<output_dir>/latest``) or a run directory; the other settings must be the run's own
+    (``abd_fl/results/round_checkpoint.py``)."""
+    fault: FaultSettings = field(default_factory=FaultSettings)
+    """Broken replies injected on purpose (``fault.kind``, which clients, which rounds): the
+    fault table's cases (``benchmarks/faults.py``); ``none`` by default."""
     teacher_checkpoint: Optional[str] = None
     """``runner=centralized``: load the poisoned teacher from this ``.pt`` / ``.pth`` /
     ``.safetensors`` file instead of training it (federated clients: ``attack.teacher_checkpoints``)."""
