@@ -48,3 +48,12 @@ def poisoned_digits16() -> dict:
         "triggered_test": triggered_test,
         **teachers,
     }
+
+
+@pytest.fixture
+def server_task_identity(monkeypatch) -> None:
+    """Messages need the identity Flower sets in a running ServerApp process (run, task, node)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)

@@ -42,18 +42,11 @@ from strategies.api import (
     strategy_preset,
 )
 
+pytestmark = pytest.mark.usefixtures("server_task_identity")
+
 
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (configs_dir() / group).glob("*.yaml"))
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    """Messages need the identity Flower sets in a running ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
 
 
 class UserNet(nn.Module):

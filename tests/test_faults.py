@@ -20,13 +20,7 @@ from strategies.update_checks import check_updates
 from strategies.validation import split_valid_replies
 from tests.process_cleanup import run_simulation_cli
 
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+pytestmark = pytest.mark.usefixtures("server_task_identity")
 
 
 def model(seed: int = 0) -> nn.Module:

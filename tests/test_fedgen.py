@@ -36,15 +36,6 @@ from strategies.fedgen import FedGenExtension
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture
-def server_task_identity(monkeypatch):
-    """Messages need the identity Flower sets in a running ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
-
-
 # ---- the feature / head split of every registered model ------------------------------
 
 

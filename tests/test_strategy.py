@@ -14,17 +14,9 @@ from abd_fl.models import build_model
 from strategies.datafree_kd import DataFreeKD, make_base_strategy, state_signature
 from strategies.validation import reply_problem
 
+pytestmark = pytest.mark.usefixtures("server_task_identity")
+
 SHAPE = (1, 8, 8)
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    """Messages need the identity Flower sets in a running ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
 
 
 def model(seed: int = 0, name: str = "cnn_small"):

@@ -29,6 +29,8 @@ from abd_fl.paths import compose_config
 from strategies.datafree_kd import DataFreeKD, load_arrays, make_base_strategy, state_signature
 from strategies.server_app import build_distill_fn
 
+pytestmark = pytest.mark.usefixtures("server_task_identity")
+
 BASE_PARAMS = {  # the presets' settings (configs/strategy/<name>.yaml)
     "fedavg": {},
     "fedmedian": {},
@@ -39,15 +41,6 @@ BASE_PARAMS = {  # the presets' settings (configs/strategy/<name>.yaml)
 }
 NODES = list(range(1, 8))
 EXTRA_METRICS = {"num-rejected"}
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    """Messages need the identity Flower sets in a running ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
 
 
 @pytest.fixture(scope="module")

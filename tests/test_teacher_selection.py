@@ -14,16 +14,10 @@ from abd_fl.distill import DistillResult
 from strategies.datafree_kd import DataFreeKD, RoundOutcome, make_base_strategy
 from strategies.selection import base_selection
 
+pytestmark = pytest.mark.usefixtures("server_task_identity")
+
 NODES = list(range(1, 8))
 ATTACKERS = {6, 7}  # their updates are scaled x20: far from the others
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
 
 
 def model() -> nn.Module:

@@ -19,16 +19,10 @@ from abd_fl.settings.strategy import UpdateCheckSettings
 from strategies.datafree_kd import DataFreeKD, RoundOutcome, make_base_strategy
 from strategies.update_checks import check_updates
 
+pytestmark = pytest.mark.usefixtures("server_task_identity")
+
 NODES = list(range(1, 7))
 SCALED = 6  # node 6 sends w_global + 20 x its update (model replacement)
-
-
-@pytest.fixture(autouse=True)
-def server_task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
 
 
 def model() -> nn.Module:
@@ -74,7 +68,6 @@ def one_round(settings: UpdateCheckSettings, replies: list[Message] | None = Non
     outcomes: list[RoundOutcome] = []
     strategy = DataFreeKD(make_base_strategy("fedavg", {}, len(NODES), 1.0), model, model, distill_fn, mode="multi_round",
                           on_round=outcomes.append, update_check=settings)
-    from flwr.serverapp import Grid
 
     class FakeGrid:  # configure_train only needs the nodes; the round's global model is what we pass
         def get_node_ids(self):
