@@ -36,6 +36,14 @@ ENSEMBLE_RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_pr
 _EPS = 1e-8
 
 
+def check_ensemble(rule: str, trim: float) -> None:
+    """Raise a one-line ``ValueError`` on an unknown rule or a trim outside [0, 0.5)."""
+    if rule not in ENSEMBLE_RULES:
+        raise ValueError(f"unknown distill.ensemble '{rule}'; choose one of: {', '.join(ENSEMBLE_RULES)}")
+    if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
+        raise ValueError(f"distill.ensemble_trim must be a number in [0, 0.5), got {trim!r}")
+
+
 class TeacherEnsemble(nn.Module):
     """Frozen teachers combined by ``rule`` (see the module doc; default: averaged logits).
 
@@ -55,10 +63,7 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         if len(teachers) == 0:
             raise ValueError("a teacher ensemble needs at least one teacher, got 0")
-        if rule not in ENSEMBLE_RULES:
-            raise ValueError(f"unknown distill.ensemble '{rule}'; choose one of: {', '.join(ENSEMBLE_RULES)}")
-        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not (0 <= trim < 0.5):
-            raise ValueError(f"distill.ensemble_trim must be a number in [0, 0.5), got {trim!r}")
+        check_ensemble(rule, trim)
         self.rule, self.trim = rule, float(trim)
         self.teachers = nn.ModuleList(teachers)
         for teacher in self.teachers:

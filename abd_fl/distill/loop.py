@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
-from abd_fl.distill.ensemble import ENSEMBLE_RULES, TeacherEnsemble
+from abd_fl.distill.ensemble import TeacherEnsemble, check_ensemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
 from abd_fl.distill.losses import KL_REDUCTIONS, kd_kl_per_sample
 from abd_fl.distill.synthesizers.base import Synthesizer
@@ -73,11 +73,7 @@ class DistillConfig:
         clip = self.clip_grad_norm
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0):
             raise ValueError(f"distill.clip_grad_norm must be null or a finite number > 0, got {clip!r}")
-        if self.ensemble not in ENSEMBLE_RULES:
-            raise ValueError(f"unknown distill.ensemble '{self.ensemble}'; choose one of: {', '.join(ENSEMBLE_RULES)}")
-        trim = self.ensemble_trim
-        if isinstance(trim, bool) or not isinstance(trim, (int, float)) or not 0 <= trim < 0.5:
-            raise ValueError(f"distill.ensemble_trim must be a number in [0, 0.5), got {trim!r}")
+        check_ensemble(self.ensemble, self.ensemble_trim)
         beta = self.attention_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
