@@ -189,6 +189,7 @@ class DataFreeKD(Strategy):
         extra_check = self.extension.reply_problem if self.extension is not None else None
         weight_key = str(getattr(self.base, "weighted_by_key", DEFAULT_WEIGHT_KEY))
         valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check, weight_key)
+        valid = in_partition_order(valid)  # arrival order varies run to run; sums over replies must not
         valid, out_of_line, flags = check_updates(valid, self._global, self.update_check, server_round)
         rejected += out_of_line
         if not valid:
@@ -263,8 +264,8 @@ class DataFreeKD(Strategy):
         return [t for t, k in zip(teachers, keep) if k], [i for i, k in zip(info, keep) if k], excluded
 
     def _read_teachers(self, server_round: int, valid: list[Message]) -> tuple[list[nn.Module], list[dict[str, Any]]]:
-        """The client models of the valid replies and their per-teacher facts, ordered by
-        partition id (by node id when some reply carries none, as stock ClientApps do)."""
+        """The client models of the valid replies and their per-teacher facts, in the replies'
+        order (:func:`in_partition_order`)."""
         teachers, info = [], []
         for msg in valid:
             arrays = next(iter(msg.content.array_records.values()))
@@ -293,9 +294,24 @@ class DataFreeKD(Strategy):
                 "; teachers ordered by node id" if "partition_id" in lacking else "",
                 "; per-client detection AUC not reported" if "malicious" in lacking else "",
             )
-        key = "node_id" if "partition_id" in lacking else "partition_id"
-        order = np.argsort([i[key] for i in info], kind="stable")
-        return [teachers[i] for i in order], [info[i] for i in order]
+        return teachers, info
+
+
+def _partition_id(msg: Message) -> int | None:
+    metrics = next(iter(msg.content.metric_records.values()), None)
+    value = metrics.get("partition-id") if metrics is not None else None
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def in_partition_order(replies: list[Message]) -> list[Message]:
+    """``replies`` ordered by partition id, or by node id when some reply carries none (as
+    stock ClientApps do), so that the teachers' order and the base's sums over replies do
+    not depend on which client answered first: a resumed or repeated run adds in the same
+    order, bit for bit."""
+    parts = [_partition_id(m) for m in replies]
+    if any(p is None for p in parts):
+        return sorted(replies, key=lambda m: int(m.metadata.src_node_id))
+    return [m for _, m in sorted(zip(parts, replies), key=lambda pair: pair[0])]
 
 
 def make_base_strategy(name: str, params: Mapping[str, Any] | None, num_clients: int, fraction_train: float) -> Strategy:

@@ -122,6 +122,26 @@ def test_multi_round_student_starts_from_the_aggregate() -> None:
     assert torch.allclose(starts[0][FIRST_WEIGHT], mean, atol=1e-6)
 
 
+def test_the_aggregate_and_the_teachers_do_not_depend_on_the_replies_arrival_order() -> None:
+    """A resumed run must add the replies in the same order as an uninterrupted one: the
+    base's weighted sum is taken in partition order, so it is bit-identical either way."""
+    seen: list = []
+
+    def record(arm, teachers, student, rnd):
+        seen.append(({k: v.clone() for k, v in student.state_dict().items()}, [t.state_dict()[FIRST_WEIGHT] for t in teachers]))
+        return _distill_fn(arm, teachers, student, rnd)
+
+    strategy = DataFreeKD(FedAvg(fraction_evaluate=0.0), lambda: model(0), lambda: model(0), record, mode="multi_round")
+    weights = {p: 7 + 13 * p for p in range(6)}
+    made = {p: reply(p + 1, good_arrays(p + 1), {"num-examples": weights[p], "partition-id": p, "malicious": 0}) for p in weights}
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 4, 0, 2], [2, 4, 0, 5, 1, 3]):
+        strategy.aggregate_train(1, [made[p] for p in order])
+    (first, first_teachers), *others = seen
+    for start, teachers in others:
+        assert all(torch.equal(start[k], first[k]) for k in first)
+        assert all(torch.equal(a, b) for a, b in zip(teachers, first_teachers))
+
+
 def test_modes_and_base_strategies_are_validated() -> None:
     with pytest.raises(ValueError, match="unknown DataFreeKD mode 'two_shot'"):
         DataFreeKD(FedAvg(), lambda: model(0), lambda: model(0), _distill_fn, mode="two_shot")

@@ -132,7 +132,9 @@ def test_a_round_the_base_declines_to_aggregate_keeps_the_global_model(setup) ->
 
 
 class InMemoryGrid:
-    """A Grid whose nodes are functions: ``send_and_receive`` answers each message at once."""
+    """A Grid whose nodes are functions: ``send_and_receive`` answers each message at once,
+    the replies in node order (the order DataFreeKD adds stock replies in, whatever order
+    they arrive in), so the base alone sums them in the same order."""
 
     def __init__(self, nodes: list[int], client: Callable[[Message], Message]) -> None:
         self.nodes, self.client = list(nodes), client
@@ -141,7 +143,7 @@ class InMemoryGrid:
         return list(self.nodes)
 
     def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
-        return [self.client(msg) for msg in messages]
+        return [self.client(msg) for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id)]
 
 
 @pytest.mark.parametrize("name", sorted(BASE_PARAMS))
