@@ -18,6 +18,7 @@ import torch
 from abd_fl.attacks import poison_data
 from abd_fl.checkpoints import load_teacher
 from abd_fl.distill import distill
+from abd_fl.clean_kd_reference import distill_clean_kd_reference
 from abd_fl.experiment import (
     build_bundle,
     build_defense,
@@ -25,7 +26,6 @@ from abd_fl.experiment import (
     build_synthesizer_from_config,
     build_trigger_from_config,
     distill_arms,
-    distill_clean_kd_reference,
     distill_config,
     prepare_run,
 )

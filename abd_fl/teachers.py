@@ -22,13 +22,8 @@ from typing import Any
 
 from abd_fl.centralized import train_poisoned_teacher
 from abd_fl.checkpoints import save_state_dict
-from abd_fl.experiment import (
-    build_named_model,
-    client_train_data,
-    malicious_ids,
-    prepare_run,
-    train_local_model,
-)
+from abd_fl.experiment import build_named_model, malicious_ids, prepare_run
+from abd_fl.local_update import client_train_data, train_local_model
 from abd_fl.results import RunDir
 
 log = logging.getLogger("abd_fl")

@@ -23,13 +23,20 @@ import time
 import torch
 
 from abd_fl.experiment import (
+
     build_bundle,
+
     build_defense,
+
     build_named_model,
+
     build_synthesizer_from_config,
-    client_train_data,
+
     distill_config,
+
 )
+
+from abd_fl.local_update import client_train_data
 from abd_fl.centralized import train_poisoned_teacher
 from abd_fl.distill import distill
 from abd_fl.paths import compose_config

@@ -3,7 +3,7 @@
 The server sends the resolved experiment config (JSON, key ``abd-config`` of the train
 ConfigRecord) and the round (``server-round``) with the global arrays. A client loads its
 partition by ``partition-id`` (from the node config) and does its round's work
-(:func:`abd_fl.experiment.client_update`): when the attack schedule says it attacks in
+(:func:`abd_fl.local_update.client_update`): when the attack schedule says it attacks in
 this round it trains on poisoned data (or sends a pretrained teacher from
 ``attack.teacher_checkpoints``) and scales its update; otherwise it trains on clean data.
 It replies with one ArrayRecord (its model) and one MetricRecord: ``num-examples``,
@@ -15,7 +15,7 @@ FedGen (``strategy=fedgen``): from round 2 on the train message also carries the
 feature generator as a second ArrayRecord, ``fedgen-generator``; the client checks it
 against the generator its config builds (keys, shapes, dtypes, finite values, label
 distribution) and adds FedGen's regulariser to its local loss
-(:func:`abd_fl.experiment.fedgen_regularizer`). A malformed generator, or one sent when the
+(:func:`abd_fl.local_update.fedgen_regularizer`). A malformed generator, or one sent when the
 strategy is not FedGen, stops this client's round with a ValueError that names the
 problem (Flower returns it to the server as an error reply, which the server drops and
 logs). The reply stays one ArrayRecord and one MetricRecord; it adds ``fedgen-reg-loss``
@@ -32,7 +32,8 @@ from flwr.clientapp import ClientApp
 
 from abd_fl.device import resolve_device
 from abd_fl.distill.fedgen import GENERATOR_RECORD_KEY, FedGenRegularizer, GeneratorPayloadError
-from abd_fl.experiment import build_bundle, client_update, fedgen_regularizer
+from abd_fl.experiment import build_bundle
+from abd_fl.local_update import client_update, fedgen_regularizer
 from abd_fl.settings.faults import FaultSettings
 from clients.faults import break_reply
 

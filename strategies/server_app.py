@@ -24,12 +24,12 @@ from flwr.serverapp import Grid, ServerApp
 from abd_fl.data import DatasetBundle
 from abd_fl.distill import DistillResult, distill
 from abd_fl.evaluation import evaluate_round
+from abd_fl.clean_kd_reference import distill_clean_kd_reference
 from abd_fl.experiment import (
     attack_schedule,
     build_feature_generator,
     build_named_model,
     distill_arms,
-    distill_clean_kd_reference,
     fedgen_settings,
     malicious_ids,
     prepare_run,

@@ -15,7 +15,8 @@ import torch
 
 from abd_fl.checkpoints import CheckpointError, client_checkpoint_paths, load_state_dict_file, load_teacher, save_state_dict
 from abd_fl.config import ConfigError, validate_config
-from abd_fl.experiment import build_bundle, build_named_model, check_teacher_checkpoints, client_update, prepare_run
+from abd_fl.experiment import build_bundle, build_named_model, check_teacher_checkpoints, prepare_run
+from abd_fl.local_update import client_update
 from abd_fl.models import build_model
 from abd_fl.paths import compose_config
 

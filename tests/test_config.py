@@ -10,7 +10,8 @@ import pytest
 
 from abd_fl.config import ConfigError, validate_config
 from abd_fl.data import DatasetNotFoundError
-from abd_fl.experiment import build_bundle, client_train_data, malicious_ids
+from abd_fl.experiment import build_bundle, malicious_ids
+from abd_fl.local_update import client_train_data
 from abd_fl.paths import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]

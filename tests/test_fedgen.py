@@ -26,7 +26,8 @@ from abd_fl.distill.fedgen import (
     model_head,
     train_feature_generator,
 )
-from abd_fl.experiment import build_bundle, build_feature_generator, build_named_model, client_update, fedgen_settings
+from abd_fl.experiment import build_bundle, build_feature_generator, build_named_model, fedgen_settings
+from abd_fl.local_update import client_update
 from abd_fl.models import MODEL_NAMES, build_model
 from abd_fl.paths import compose_config
 from clients.client_app import regularizer_from_content

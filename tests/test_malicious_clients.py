@@ -18,10 +18,9 @@ from abd_fl.experiment import (
     build_bundle,
     build_named_model,
     client_partitions,
-    client_train_data,
-    client_update,
     malicious_ids,
 )
+from abd_fl.local_update import client_train_data, client_update
 from abd_fl.paths import compose_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
