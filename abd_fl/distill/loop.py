@@ -58,6 +58,8 @@ class DistillConfig:
     ``median_probs`` | ``trimmed_probs``. One teacher gives the same targets under every rule."""
     ensemble_trim: float = 0.2
     """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
+    ensemble_vectorize: str = "off"
+    """Run same-architecture teachers as one ``vmap``-ed call: ``off`` | ``on`` | ``auto`` (on CUDA only)."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "student_steps", "batch_size"):
@@ -73,7 +75,7 @@ class DistillConfig:
         clip = self.clip_grad_norm
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0):
             raise ValueError(f"distill.clip_grad_norm must be null or a finite number > 0, got {clip!r}")
-        check_ensemble(self.ensemble, self.ensemble_trim)
+        check_ensemble(self.ensemble, self.ensemble_trim, self.ensemble_vectorize)
         beta = self.attention_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
@@ -114,7 +116,7 @@ def distill(
     device = torch.device(device)
     ensemble = (
         teachers if isinstance(teachers, TeacherEnsemble)
-        else TeacherEnsemble(teachers, rule=cfg.ensemble, trim=cfg.ensemble_trim)
+        else TeacherEnsemble(teachers, rule=cfg.ensemble, trim=cfg.ensemble_trim, vectorize=cfg.ensemble_vectorize)
     )
     ensemble.to(device)
     student.to(device).train()

@@ -157,6 +157,10 @@ class DistillSettings:
     ``standardized_logits`` | ``median_probs`` | ``trimmed_probs`` (``abd_fl/distill/ensemble.py``)."""
     ensemble_trim: float = 0.2
     """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
+    ensemble_vectorize: str = "off"
+    """Run the client teachers (one architecture) as one ``vmap``-ed call: ``off`` (measured
+    faster on CPU) | ``on`` | ``auto`` (on CUDA only; not yet timed on a GPU); the same
+    logits either way."""
 
     def loop_config(self, seed: int) -> DistillConfig:
         """The distillation loop's settings (validated) for a run seeded with ``seed``."""
@@ -172,6 +176,7 @@ class DistillSettings:
             kl_reduction=self.kl_reduction,
             ensemble=self.ensemble,
             ensemble_trim=self.ensemble_trim,
+            ensemble_vectorize=self.ensemble_vectorize,
         )
 
     def params_dict(self) -> dict[str, Any]:
