@@ -23,19 +23,12 @@ import time
 import torch
 
 from abd_fl.experiment import (
-
     build_bundle,
-
     build_defense,
-
     build_named_model,
-
     build_synthesizer_from_config,
-
     distill_config,
-
 )
-
 from abd_fl.local_update import client_train_data
 from abd_fl.centralized import train_poisoned_teacher
 from abd_fl.distill import distill
