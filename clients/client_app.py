@@ -9,7 +9,8 @@ this round it trains on poisoned data (or sends a pretrained teacher from
 It replies with one ArrayRecord (its model) and one MetricRecord: ``num-examples``,
 ``partition-id``, ``malicious`` (1 if it attacked in this round: ground truth, used only
 to score detection), ``label-counts`` (for FedGen), ``train-loss``,
-``train-acc``.
+``train-acc``, ``train-s`` (the seconds of this round's local work, from the message's
+arrival to the reply: what the server's ``replies_wait_s`` is compared with).
 
 FedGen (``strategy=fedgen``): from round 2 on the train message also carries the server's
 feature generator as a second ArrayRecord, ``fedgen-generator``; the client checks it
@@ -25,6 +26,7 @@ logs). The reply stays one ArrayRecord and one MetricRecord; it adds ``fedgen-re
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -58,6 +60,7 @@ def regularizer_from_content(content: RecordDict, cfg: dict, server_round: int, 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """This round's local work on this client's partition (see the module doc)."""
+    started = time.perf_counter()
     config = msg.content["config"]
     cfg = json.loads(str(config[CONFIG_KEY]))
     server_round = int(config.get("server-round", 1))
@@ -86,6 +89,7 @@ def train(msg: Message, context: Context) -> Message:
             "label-counts": [int(c) for c in counts],
             "train-loss": float(update.stats["loss"]),
             "train-acc": float(update.stats["accuracy"]),
+            "train-s": time.perf_counter() - started,
         }
     )
     if regularizer is not None and regularizer.calls > 0:

@@ -141,6 +141,7 @@ class DataFreeKD(Strategy):
         self.update_check = update_check or UpdateCheckSettings()
         self.update_check.validate()
         self._global: ArrayRecord | None = None  # the model the last configure_train sent
+        self._sent_at: float | None = None  # when the last configure_train handed its messages to Flower
         self._reference = state_signature(client_model_fn())
         if mode == "multi_round" and state_signature(student_model_fn()) != self._reference:
             raise ValueError("multi_round mode distils into the aggregated model: student and client architectures must match")
@@ -167,6 +168,7 @@ class DataFreeKD(Strategy):
         messages = list(self.base.configure_train(server_round, arrays, config, grid))
         if self.extension is not None:
             messages = self.extension.configure_train(server_round, messages)
+        self._sent_at = time.perf_counter()
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -218,6 +220,8 @@ class DataFreeKD(Strategy):
         students: dict[str, nn.Module] = {}
         results: dict[str, DistillResult] = {}
         timings = {"aggregate_s": t_agg - t_read, "read_replies_s": t_read - t0}
+        if self._sent_at is not None:  # Flower + Ray + the clients' work, from the messages' hand-over to the replies'
+            timings["replies_wait_s"] = t0 - self._sent_at
         extension_logs: dict[str, Any] = {}
         if self.extension is not None:
             t_ext = time.perf_counter()
@@ -278,6 +282,7 @@ class DataFreeKD(Strategy):
                     "malicious": bool(metrics["malicious"]) if "malicious" in metrics else None,
                     # validated only when it is the base's weight: read it when it is a number
                     "num_examples": int(n) if isinstance(n := metrics.get("num-examples"), (int, float)) and math.isfinite(n) else None,
+                    **({"train_s": float(s)} if isinstance(s := metrics.get("train-s"), (int, float)) and math.isfinite(s) else {}),
                     **({"label_counts": [int(c) for c in metrics["label-counts"]]} if "label-counts" in metrics else {}),
                     **(self.extension.reply_info(msg) if self.extension is not None else {}),
                 }

@@ -39,6 +39,8 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
             assert set(rec[role]) == {"acc", "asr", "asr_floor"}
             assert all(0.0 <= v <= 1.0 for v in rec[role].values())
         assert rec["timings"]["dfkd_student_s"] > 0 and rec["rejected"] == []
+        # the round's wait for replies (Flower + Ray + local work) covers each client's own seconds
+        assert all(0 < i["train_s"] < rec["timings"]["replies_wait_s"] for i in rec["teacher_info"])
     summary = json.loads((run / "summary.json").read_text())
     for role in ("malicious_teacher", "benign_teachers", "ensemble", "fedavg", "dfkd_student", "clean_kd_reference"):
         assert set(summary[role]) == {"acc", "asr", "asr_floor"}
