@@ -1,0 +1,279 @@
+"""Speed and scale of the server's distillation (issue 16), measured side by side in one run.
+
+    .venv/bin/python benchmarks/perf.py                       # every part, 2 threads
+    .venv/bin/python benchmarks/perf.py --parts loop scale    # a subset
+
+Parts (each prints a Markdown table):
+
+* ``loop``: the project's distillation (:func:`abd_fl.distill.distill`, the default ZSKT
+  settings, one teacher, no defense) against a bare PyTorch loop written below that does
+  the same passes with the same modules and settings (per iteration: one generator step
+  through student and teacher, gradient clipped, then ``student_steps`` student steps on
+  the generator's images of the same z, the teacher's logits computed once); alternating
+  order, median of ``--repeats``. Target (issue 16): ratio <= 1.10.
+* ``abd``: ABD / baseline wall time for one poisoned teacher and the FL ensemble
+  (:mod:`benchmarks.overhead`'s pairs; teachers trained first). Targets <= 1.10 and <= 1.25.
+* ``scale``: the server's seconds per distillation iteration and its peak memory for 6, 24
+  and 100 client teachers (the default ``cnn`` client model, untrained: the cost does not
+  depend on the weights), teachers run one by one (``distill.ensemble_vectorize=off``) and
+  as one ``vmap``-ed call (``on``); each point in a fresh process (peak RSS of that
+  process); the slope (seconds per extra teacher per iteration) of each. And the vaccine
+  search's seconds per teacher (:func:`abd_fl.defense.vaccine.search_vaccine` with the
+  default ABD settings on ``surrogate_batches`` generator-sized batches).
+* ``round``: where a default FL round's time goes, read from a finished run's
+  ``metrics.jsonl`` (``--run-dir``; default: the newest run under ``outputs/`` that records
+  ``replies_wait_s``): the server's distillation, evaluation and aggregation, the clients'
+  local work (``train-s``) and what is left of the wait for replies: Flower + Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from abd_fl.distill import distill  # noqa: E402
+from abd_fl.distill.losses import kd_kl_per_sample  # noqa: E402
+from abd_fl.distill.settings import distill_settings  # noqa: E402
+from abd_fl.experiment import build_bundle, build_named_model, distill_config  # noqa: E402
+from abd_fl.models.generators import ConvGenerator  # noqa: E402
+from abd_fl.paths import compose_config  # noqa: E402
+
+PARTS = ("loop", "abd", "scale", "round")
+
+
+# ---- (a) our loop vs a bare loop -----------------------------------------------------------
+def bare_zskt(teacher: torch.nn.Module, student: torch.nn.Module, cfg: dict, image_shape: tuple[int, int, int]) -> None:
+    """The passes of our ZSKT distillation written as a plain PyTorch loop (no defense, no
+    hooks, no logging): what :func:`timed_pair` compares :func:`abd_fl.distill.distill` with."""
+    d = cfg["distill"]
+    sp = d["synthesizer_params"]
+    dcfg = distill_config(cfg)
+    iterations, steps, batch = dcfg.iterations, dcfg.student_steps, dcfg.batch_size
+    torch.manual_seed(dcfg.seed)
+    c, h, _ = image_shape
+    gen = ConvGenerator(int(sp["z_dim"]), h, c, int(d.get("generator_width") or 64), sp["output_activation"])
+    g_opt = torch.optim.Adam(gen.parameters(), lr=float(sp["lr"]))
+    g_sched = torch.optim.lr_scheduler.CosineAnnealingLR(g_opt, max(1, iterations))
+    s_opt = torch.optim.Adam(student.parameters(), lr=dcfg.lr)
+    s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(s_opt, max(1, iterations * steps))
+    teacher.eval().requires_grad_(False)
+    for _ in range(iterations):
+        gen.train()
+        student.eval()
+        z = torch.randn(batch, int(sp["z_dim"]))
+        x = gen(z)
+        loss = -kd_kl_per_sample(student(x), teacher(x), float(sp["temperature"]), sp["kl_reduction"]).mean()
+        g_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), float(sp["clip_grad_norm"]))
+        g_opt.step()
+        g_sched.step()
+        student.zero_grad(set_to_none=True)
+        student.train()
+        with torch.no_grad():
+            xs = gen(z)
+            t_logits = teacher(xs)
+        for _ in range(steps):
+            loss = kd_kl_per_sample(student(xs), t_logits, dcfg.temperature, dcfg.kl_reduction).mean()
+            s_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), float(dcfg.clip_grad_norm))
+            s_opt.step()
+            s_sched.step()
+
+
+def loop_vs_bare(iterations: int, repeats: int) -> list[str]:
+    cfg = compose_config([f"distill.iterations={iterations}", "defense=none"])
+    bundle = build_bundle(cfg)
+    teacher = build_named_model(cfg, bundle, "client", seed=1).eval()
+    walls: dict[str, list[float]] = {"ours": [], "bare": []}
+    for r in range(repeats):
+        for arm in (("ours", "bare") if r % 2 == 0 else ("bare", "ours")):
+            student = build_named_model(cfg, bundle, "student")
+            t0 = time.perf_counter()
+            if arm == "ours":
+                distill([teacher], student, distill_settings(cfg["distill"]).build_synthesizer(), config=distill_config(cfg),
+                        image_shape=bundle.train.shape)
+            else:
+                bare_zskt(teacher, student, cfg, bundle.train.shape)
+            walls[arm].append(time.perf_counter() - t0)
+    ours, bare = statistics.median(walls["ours"]), statistics.median(walls["bare"])
+    return [
+        f"\n(a) our loop vs a bare PyTorch loop: ZSKT, {iterations} iterations x {cfg['distill']['student_steps']} student steps, "
+        f"one {cfg['model']['client']} teacher, median of {repeats} alternating runs",
+        "| loop | s | s / iteration | ratio to bare |",
+        "|---|---:|---:|---:|",
+        f"| bare PyTorch | {bare:.2f} | {bare / iterations:.4f} | 1.00 |",
+        f"| abd_fl.distill | {ours:.2f} | {ours / iterations:.4f} | {ours / bare:.2f} |",
+    ]
+
+
+# ---- (b) ABD / baseline ------------------------------------------------------------------
+def abd_overhead(iterations: int, repeats: int) -> list[str]:
+    from abd_fl.centralized import train_poisoned_teacher
+    from benchmarks.overhead import fl_teachers, time_pair
+
+    base = [f"distill.iterations={iterations}", "defense=abd"]
+    central = compose_config(["experiment=central", *base])
+    fl = compose_config(base)
+    rows = [
+        ("one teacher (centralized)", time_pair(central, [train_poisoned_teacher(central, torch.device("cpu"))], repeats)),
+        (f"ensemble of {fl['simulation']['num_clients']} client teachers", time_pair(fl, fl_teachers(fl), repeats)),
+    ]
+    out = [f"\n(b) ABD / baseline: ZSKT {iterations} iterations, median of {repeats} alternating runs",
+           "| setting | baseline s | ABD s | ratio | ABD's own s (defense_s) |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {name} | {r['baseline_s']:.1f} | {r['abd_s']:.1f} | {r['ratio']:.2f} | {r['defense_s']:.1f} |" for name, r in rows]
+    return out
+
+
+# ---- (c) scaling in the number of teachers ------------------------------------------------
+def scale_point(teachers: int, vectorize: str, iterations: int) -> dict[str, float]:
+    """One point, run in this (fresh) process: seconds per iteration and peak RSS."""
+    cfg = compose_config([f"distill.iterations={iterations}", "defense=none", f"distill.ensemble_vectorize={vectorize}"])
+    bundle = build_bundle(cfg)
+    models = [build_named_model(cfg, bundle, "client", seed=100 + i).eval() for i in range(teachers)]
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    student = build_named_model(cfg, bundle, "student")
+    warm = compose_config(["distill.iterations=1", "defense=none", f"distill.ensemble_vectorize={vectorize}"])
+    distill(models, build_named_model(cfg, bundle, "student"), distill_settings(warm["distill"]).build_synthesizer(),
+            config=distill_config(warm), image_shape=bundle.train.shape)
+    t0 = time.perf_counter()
+    distill(models, student, distill_settings(cfg["distill"]).build_synthesizer(), config=distill_config(cfg),
+            image_shape=bundle.train.shape)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    weights_mb = sum(p.numel() * p.element_size() for m in models for p in m.state_dict().values()) / 2**20
+    return {"s_per_it": wall / iterations, "peak_rss_mb": peak / 1024, "rss_before_mb": rss_before / 1024,
+            "teacher_weights_mb": weights_mb}
+
+
+def vaccine_search_seconds(teachers: int) -> float:
+    from abd_fl.defense.settings import defense_settings
+    from abd_fl.defense.vaccine import search_vaccine
+
+    cfg = compose_config([])
+    params = defense_settings(cfg["defense"]).params
+    bundle = build_bundle(cfg)
+    models = [build_named_model(cfg, bundle, "client", seed=200 + i).eval() for i in range(teachers)]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.rand(int(cfg["distill"]["batch_size"]), *bundle.train.shape, generator=g)
+               for _ in range(int(params.surrogate_batches))]
+    t0 = time.perf_counter()
+    for i, m in enumerate(models):
+        search_vaccine(m, batches, num_layers=int(params.num_layers), num_shuffles=int(params.num_shuffles),
+                       threshold=float(params.threshold), max_tries=int(params.max_tries), seed=i)
+    return (time.perf_counter() - t0) / teachers
+
+
+def _slope(xs: list[int], ys: list[float]) -> float:
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def scaling(counts: list[int], iterations: int, threads: int) -> list[str]:
+    points: dict[tuple[int, str], dict] = {}
+    for n in counts:
+        for vec in ("off", "on"):
+            proc = subprocess.run([sys.executable, __file__, "--_point", str(n), vec, "--iterations", str(iterations),
+                                   "--threads", str(threads)], capture_output=True, text=True, check=True)
+            points[(n, vec)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = [f"\n(c) server distillation vs number of client teachers: ZSKT, {iterations} timed iterations after one warm-up, "
+           "no defense, each point a fresh process",
+           "| teachers | teachers' weights MB | loop s/it | vmap s/it | vmap / loop | loop peak RSS MB | vmap peak RSS MB |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in counts:
+        a, b = points[(n, "off")], points[(n, "on")]
+        out.append(f"| {n} | {a['teacher_weights_mb']:.1f} | {a['s_per_it']:.3f} | {b['s_per_it']:.3f} | "
+                   f"{b['s_per_it'] / a['s_per_it']:.2f} | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} |")
+    if len(counts) > 1:
+        s_off = _slope(counts, [points[(n, "off")]["s_per_it"] for n in counts])
+        s_on = _slope(counts, [points[(n, "on")]["s_per_it"] for n in counts])
+        out.append(f"\nslope, seconds per extra teacher per iteration: loop {s_off:.4f}, vmap {s_on:.4f} "
+                   f"(ratio loop / vmap {s_off / s_on:.2f}; target >= 3)")
+    per = vaccine_search_seconds(min(6, max(counts)))
+    out.append(f"vaccine search (default ABD settings, search on): {per:.2f} s per teacher")
+    return out
+
+
+# ---- (d) a default round's time -------------------------------------------------------------
+def _newest_run_with_waits() -> Path | None:
+    found = []
+    for metrics in (ROOT / "outputs").rglob("metrics.jsonl"):
+        try:
+            first = json.loads(metrics.read_text().splitlines()[0])
+        except (IndexError, json.JSONDecodeError, OSError):
+            continue
+        if "replies_wait_s" in first.get("timings", {}) and (metrics.parent / "summary.json").exists():
+            found.append((metrics.stat().st_mtime, metrics.parent))
+    return max(found)[1] if found else None
+
+
+def round_shares(run_dir: Path | None) -> list[str]:
+    import yaml
+
+    run_dir = run_dir or _newest_run_with_waits()
+    if run_dir is None:
+        return ["\n(d) no finished run records replies_wait_s yet (runs made before this benchmark existed do not)"]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    slots = max(1, int((os.cpu_count() or 1) // max(1e-9, float(cfg["simulation"]["client_resources"]["num_cpus"]))))
+    out = [f"\n(d) where a round's time goes: {run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir} "
+           f"({cfg['simulation']['num_clients']} clients, {slots} at a time on this machine's {os.cpu_count()} CPUs)",
+           "| round | round s | server KD + evaluation s | clients' local work s (critical path) | Flower + Ray s (at most) | Flower + Ray share |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "round" not in rec:
+            continue
+        t = rec["timings"]
+        server = sum(v for k, v in t.items() if k != "replies_wait_s")
+        work = [i["train_s"] for i in rec["teacher_info"] if "train_s" in i]
+        critical = max(max(work, default=0.0), sum(work) / slots)
+        flower = max(0.0, t["replies_wait_s"] - critical)
+        total = t["replies_wait_s"] + server
+        out.append(f"| {rec['round']} | {total:.1f} | {server:.1f} | {critical:.1f} | {flower:.1f} | {flower / total:.1%} |")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--iterations", type=int, default=50, help="distillation iterations per timed run (loop, abd)")
+    parser.add_argument("--scale-iterations", type=int, default=5, help="timed iterations per scaling point")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--teachers", type=int, nargs="+", default=[6, 24, 100])
+    parser.add_argument("--run-dir", type=Path, default=None, help="the finished FL run of part 'round'")
+    parser.add_argument("--_point", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args._point:
+        print(json.dumps(scale_point(int(args._point[0]), args._point[1], args.iterations)))
+        return
+    print(f"benchmarks/perf.py on {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    for part in args.parts:
+        if part == "loop":
+            lines = loop_vs_bare(args.iterations, args.repeats)
+        elif part == "abd":
+            lines = abd_overhead(args.iterations, args.repeats)
+        elif part == "scale":
+            lines = scaling(sorted(args.teachers), args.scale_iterations, args.threads)
+        else:
+            lines = round_shares(args.run_dir)
+        print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
