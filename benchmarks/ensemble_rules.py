@@ -1,0 +1,101 @@
+"""Teacher-ensemble rules against scaled attackers (issue 15, item 1): which ``distill.ensemble``
+rule should be the default?
+
+    .venv/bin/python benchmarks/ensemble_rules.py --seeds 0            # every scenario x rule
+    .venv/bin/python benchmarks/ensemble_rules.py --scenarios clean x5 --rules mean_logits median_probs
+    .venv/bin/python benchmarks/ensemble_rules.py --report             # the tables from finished runs only
+
+Each cell is one real ``abd-fl`` run (Flower + Ray) of the FL default scenario (one-shot, 6
+clients, defense off, so what is measured is the ensemble rule, not ABD; no clean-KD
+reference) with one ``distill.ensemble`` rule. Scenarios: no attacker; the default two
+attackers of six unscaled; two scaled x5 and x20 (model replacement, ``attack.scale``); one
+and three of six scaled x5. Within a scenario and seed the clients train the same teachers
+under every rule (same seed), so the rules differ only in the server's ensemble. Reported per
+cell: the student's Acc / ASR / floor and the ensemble's, median over seeds. The choice
+rule (issue 15): the default must not lose more than 1 point of clean accuracy without an
+attacker against ``mean_logits``. Finished runs are read back; their records are archived in
+the tracked ``benchmarks/results/ensemble_rules/`` and ``results.md`` is rewritten after
+every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep import ROOT, RunFailed, run_command, run_one  # noqa: E402
+
+BASE = ["defense=none", "clean_kd_reference.enabled=false"]
+SCENARIOS: dict[str, list[str]] = {
+    "clean": ["attack.num_malicious=0"],
+    "2of6": [],
+    "2of6_x5": ["attack.scale=5"],
+    "2of6_x20": ["attack.scale=20"],
+    "1of6_x5": ["attack.num_malicious=1", "attack.scale=5"],
+    "3of6_x5": ["attack.num_malicious=3", "attack.scale=5"],
+}
+RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_probs", "trimmed_probs")
+DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "ensemble_rules"
+
+
+def _cell(runs: list[dict], role: str) -> str:
+    if not runs:
+        return "not run"
+    values = [[100 * r[role][k] for r in runs] for k in ("acc", "asr", "asr_floor")]
+    return " / ".join(f"{statistics.median(v):.1f}" for v in values) + (f" (n={len(runs)})" if len(runs) > 1 else "")
+
+
+def tables(results: dict[tuple[str, str], list[dict]], scenarios: list[str], rules: list[str]) -> str:
+    lines = []
+    for role, title in (("dfkd_student", "data-free KD student"), ("ensemble", "teacher ensemble")):
+        lines += [f"\n{title}: Acc / ASR / floor % (median over seeds)", "",
+                  "| scenario | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
+        for sc in scenarios:
+            lines.append(f"| {sc} | " + " | ".join(_cell(results.get((sc, rule), []), role) for rule in rules) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--report", action="store_true", help="the tables from finished runs; start none")
+    parser.add_argument("--dry-run", action="store_true", help="print the abd-fl commands and exit")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
+    args = parser.parse_args()
+    out = ROOT / "outputs" / "sweeps" / "ensemble_rules"
+    archive = None if args.overrides else DEFAULT_ARCHIVE
+    cells = [(seed, sc, rule) for seed in args.seeds for sc in args.scenarios for rule in args.rules]
+    if args.dry_run:
+        for seed, sc, rule in cells:
+            print(" ".join(run_command(out, f"{sc}-{rule}", [*BASE, *SCENARIOS[sc], f"distill.ensemble={rule}", *args.overrides],
+                                       seed)[1:]))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[tuple[str, str], list[dict]] = {}
+    failures = []
+    for seed, sc, rule in cells:
+        try:
+            summary = run_one(out, f"{sc}-{rule}", [*BASE, *SCENARIOS[sc], f"distill.ensemble={rule}", *args.overrides], seed,
+                              resume=True, report_only=args.report, archive=archive)
+            results.setdefault((sc, rule), []).append(summary)
+        except RunFailed as err:
+            failures.append(f"{sc} / {rule} / seed {seed}: {str(err).splitlines()[0][:160]}")
+        text = tables(results, args.scenarios, args.rules)
+        (out / "results.md").write_text(text + ("\n" + "\n".join(failures) + "\n" if failures else ""))
+        if archive is not None and not args.report:
+            archive.mkdir(parents=True, exist_ok=True)
+            (archive / "results.md").write_text(text)
+    print(text)
+    if failures:
+        print("\n".join(failures))
+    print(json.dumps({"cells": len(cells), "finished": sum(len(v) for v in results.values())}))
+
+
+if __name__ == "__main__":
+    main()
