@@ -21,7 +21,7 @@ from abd_fl.checkpoints import CheckpointError
 from abd_fl.config import ConfigError, validate_config
 from abd_fl.config_store import register_configs
 from abd_fl.data import DatasetNotFoundError
-from abd_fl.experiment import build_bundle, check_teacher_checkpoints, with_absolute_checkpoint_paths
+from abd_fl.experiment import build_bundle, check_partitions, check_teacher_checkpoints, with_absolute_checkpoint_paths
 from abd_fl.paths import compose_config, configs_dir
 
 
@@ -141,7 +141,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         validate_config(resolved)
         resolved = with_absolute_checkpoint_paths(resolved)
         check_teacher_checkpoints(resolved)
-        build_bundle(resolved)  # the dataset's files, before Ray starts (cached: the run reuses it in this process)
+        bundle = build_bundle(resolved)  # the dataset's files, before Ray starts (cached: the run reuses it in this process)
+        if resolved.get("runner", "federated") in ("federated", "train_teachers"):
+            check_partitions(resolved, bundle)  # every client's split, before Ray starts: a client cannot fail on it
     except ConfigError as err:
         print(f"abd-fl: config error: {err}", file=sys.stderr)
         sys.exit(2)

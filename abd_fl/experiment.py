@@ -65,6 +65,18 @@ def client_partitions(cfg: Mapping[str, Any], bundle: DatasetBundle) -> list[np.
     )
 
 
+def check_partitions(cfg: Mapping[str, Any], bundle: DatasetBundle) -> None:
+    """Split the training set over the clients as every client will (:func:`client_partitions`)
+    and raise a one-line :class:`ConfigError` when the split is impossible (e.g. a Dirichlet
+    split that cannot give every client its minimum of images), so the run stops before Ray
+    starts instead of every client failing in round 1."""
+    try:
+        client_partitions(cfg, bundle)
+    except ValueError as err:
+        sim = cfg["simulation"]
+        raise ConfigError(f"simulation.num_clients={sim['num_clients']} with partition={sim['partition']}: {err}") from None
+
+
 def attack_schedule(cfg: Mapping[str, Any]) -> AttackSchedule:
     """Who attacks in which round (``attack`` keys; absent keys take their defaults)."""
     n = int(cfg["simulation"]["num_clients"])

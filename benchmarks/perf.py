@@ -13,6 +13,10 @@ Parts (each prints a Markdown table):
   order, median of ``--repeats``. Target (issue 16): ratio <= 1.10.
 * ``abd``: ABD / baseline wall time for one poisoned teacher and the FL ensemble
   (:mod:`benchmarks.overhead`'s pairs; teachers trained first). Targets <= 1.10 and <= 1.25.
+* ``profile``: where ABD's extra time goes (cProfile of one ABD distillation with the
+  default settings, one teacher and the 6-client ensemble, untrained teachers): the
+  vaccine's generator term, Self-Retrospection's steps (delta search and hypergradient),
+  the vaccine's scoring, against the undefended passes of the same run.
 * ``scale``: the server's seconds per distillation iteration and its peak memory for 6, 24
   and 100 client teachers (the default ``cnn`` client model, untrained: the cost does not
   depend on the weights), teachers run one by one (``distill.ensemble_vectorize=off``) and
@@ -50,7 +54,7 @@ from abd_fl.experiment import build_bundle, build_named_model, distill_config  #
 from abd_fl.models.generators import ConvGenerator  # noqa: E402
 from abd_fl.paths import compose_config  # noqa: E402
 
-PARTS = ("loop", "abd", "scale", "round")
+PARTS = ("loop", "abd", "profile", "scale", "round")
 
 
 # ---- (a) our loop vs a bare loop -----------------------------------------------------------
@@ -139,6 +143,53 @@ def abd_overhead(iterations: int, repeats: int) -> list[str]:
     out = [f"\n(b) ABD / baseline: ZSKT {iterations} iterations, median of {repeats} alternating runs",
            "| setting | baseline s | ABD s | ratio | ABD's own s (defense_s) |", "|---|---:|---:|---:|---:|"]
     out += [f"| {name} | {r['baseline_s']:.1f} | {r['abd_s']:.1f} | {r['ratio']:.2f} | {r['defense_s']:.1f} |" for name, r in rows]
+    return out
+
+
+# ---- (b') where ABD's time goes ----------------------------------------------------------------
+PROFILED = {  # (file suffix, function name) -> label
+    ("abd_fl/defense/abd.py", "_sv_term"): "SV: the vaccine's generator term",
+    ("abd_fl/defense/abd.py", "add_student_gradient"): "SR: delta search + hypergradient",
+    ("abd_fl/defense/retrospection.py", "synthesize_delta"): "  of which the delta search",
+    ("abd_fl/defense/retrospection.py", "_hypergradient"): "  of which the hypergradient",
+    ("abd_fl/defense/abd.py", "on_iteration"): "vaccine scoring / search (on_iteration)",
+    ("abd_fl/distill/synthesizers/zskt.py", "generator_round"): "generator steps (SV term included)",
+}
+
+
+def abd_profile(iterations: int, teacher_counts: tuple[int, ...] = (1, 6)) -> list[str]:
+    import cProfile
+    import pstats
+
+    from abd_fl.experiment import build_defense
+
+    out = [f"\n(b') where ABD's time goes: cProfile of one ABD distillation, ZSKT {iterations} iterations (SR in the last "
+           "sr_fraction of them, as at 500), untrained cnn teachers",
+           "| part | " + " | ".join(f"{n} teacher{'s' if n > 1 else ''} s (share)" for n in teacher_counts) + " |",
+           "|---|" + "---:|" * len(teacher_counts)]
+    columns = []
+    for n in teacher_counts:
+        cfg = compose_config([f"distill.iterations={iterations}", "defense=abd"])
+        bundle = build_bundle(cfg)
+        teachers = [build_named_model(cfg, bundle, "client", seed=1 + i).eval() for i in range(n)]
+        dcfg = distill_config(cfg)
+        prof = cProfile.Profile()
+        prof.enable()
+        result = distill(teachers, build_named_model(cfg, bundle, "student"), distill_settings(cfg["distill"]).build_synthesizer(),
+                         defense=build_defense(cfg, "abd", dcfg.seed), config=dcfg, image_shape=bundle.train.shape)
+        prof.disable()
+        stats = pstats.Stats(prof).stats
+        found = {label: 0.0 for label in PROFILED.values()}
+        for (filename, _line, func), (_cc, _nc, _tt, cum, _callers) in stats.items():
+            for (suffix, name), label in PROFILED.items():
+                if func == name and filename.endswith(suffix):
+                    found[label] += cum
+        found["defense total (defense_s)"] = result.defense_s
+        found["whole distillation"] = result.wall_s
+        columns.append(found)
+    for label in columns[0]:
+        cells = [f"{c[label]:.1f} ({c[label] / c['whole distillation']:.0%})" for c in columns]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return out
 
 
@@ -254,6 +305,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--iterations", type=int, default=50, help="distillation iterations per timed run (loop, abd)")
+    parser.add_argument("--profile-iterations", type=int, default=100, help="ABD iterations profiled (part profile)")
     parser.add_argument("--scale-iterations", type=int, default=5, help="timed iterations per scaling point")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -272,6 +324,8 @@ def main() -> None:
             lines = loop_vs_bare(args.iterations, args.repeats)
         elif part == "abd":
             lines = abd_overhead(args.iterations, args.repeats)
+        elif part == "profile":
+            lines = abd_profile(args.profile_iterations)
         elif part == "scale":
             lines = scaling(sorted(args.teachers), args.scale_iterations, args.threads)
         else:

@@ -273,3 +273,27 @@ def test_run_simulation_is_isolated_and_only_its_deprecation_warning_is_dropped(
     assert "another warning during the run" in kept.lines
     deprecations = [line for line in kept.lines if "`run_simulation` function is deprecated" in line]
     assert len(deprecations) == 1 and "logged after the call" in deprecations[0]  # the filter is gone after the call
+
+
+def test_cli_stops_on_an_impossible_client_split_before_ray_starts(tmp_path: Path) -> None:
+    """100 Dirichlet clients of the 1,297 digits training images cannot each get 10: found by a
+    100-client run in which every client failed in round 1 and the run printed an empty table.
+    Now one line and exit 2, before Ray starts."""
+    from tests.process_cleanup import ProcessScope, describe
+
+    scope = ProcessScope()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "abd_fl.cli", "simulation.num_clients=100", f"output_dir={tmp_path / 'out'}"],
+            cwd=ROOT, env=scope.env(), capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        survivors = scope.stop()
+    assert survivors == [], describe(survivors)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "Starting Flower" not in output, output[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith(
+        "abd-fl: config error: simulation.num_clients=100 with partition=dirichlet: dirichlet partitioning could not give "
+        "each of 100 partitions at least 10 samples"), errors
