@@ -26,9 +26,12 @@ def distill_clean_kd_reference(
     cfg: Mapping[str, Any], bundle: DatasetBundle, teachers: list[nn.Module], device: torch.device | str
 ) -> nn.Module:
     """The clean-KD reference (the paper's "Clean KD"): a fresh student distilled from the
-    same teachers on ``clean_kd_reference.fraction`` of the clean training images, with the
-    data-free student's KD loss (attention transfer included when ``distill.attention_beta``
-    is set); only the inputs differ. A reference point, not a defense."""
+    same teachers on ``clean_kd_reference.fraction`` of the clean training images, combined by
+    the run's ``distill.ensemble`` rule, with attention transfer when ``distill.attention_beta``
+    is set. Its KD loss is the per-sample (class-summed) KL without gradient clipping, at
+    ``clean_kd_reference.temperature``, whatever ``distill.kl_reduction`` and
+    ``distill.clip_grad_norm`` say (the ZSKT preset's reference scale and clipping are not
+    applied here; every published table used this loss). A reference point, not a defense."""
     ref = cfg["clean_kd_reference"]
     student = build_named_model(cfg, bundle, "student")
     distill(
@@ -43,6 +46,9 @@ def distill_clean_kd_reference(
             temperature=float(ref["temperature"]),
             seed=int(cfg["seed"]),
             attention_beta=float(cfg["distill"].get("attention_beta", 0.0)),
+            ensemble=str(cfg["distill"].get("ensemble", "mean_logits")),
+            ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
+            ensemble_vectorize=str(cfg["distill"].get("ensemble_vectorize", "off")),
         ),
         device=device,
     )

@@ -142,7 +142,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         resolved = with_absolute_checkpoint_paths(resolved)
         check_teacher_checkpoints(resolved)
         bundle = build_bundle(resolved)  # the dataset's files, before Ray starts (cached: the run reuses it in this process)
-        if resolved.get("runner", "federated") in ("federated", "train_teachers"):
+        runner = resolved.get("runner", "federated")
+        if runner == "federated" or (runner == "train_teachers" and resolved["teachers"]["which"] != "central"):
             check_partitions(resolved, bundle)  # every client's split, before Ray starts: a client cannot fail on it
     except ConfigError as err:
         print(f"abd-fl: config error: {err}", file=sys.stderr)

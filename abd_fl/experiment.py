@@ -78,11 +78,12 @@ def check_partitions(cfg: Mapping[str, Any], bundle: DatasetBundle) -> None:
 
 
 def attack_schedule(cfg: Mapping[str, Any]) -> AttackSchedule:
-    """Who attacks in which round (``attack`` keys; absent keys take their defaults)."""
+    """Who attacks in which round (``attack`` keys; absent keys take
+    :class:`~abd_fl.attacks.settings.AttackSettings`' defaults, e.g. 2 malicious clients)."""
     n = int(cfg["simulation"]["num_clients"])
     try:
         return AttackSettings(**cfg["attack"]).schedule(n, int(cfg["seed"]))
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # TypeError: a key AttackSettings does not have
         raise ConfigError(f"bad attack settings: {err} (simulation.num_clients={n})") from None
 
 

@@ -152,7 +152,7 @@ PROFILED = {  # (file suffix, function name) -> label
     ("abd_fl/defense/abd.py", "add_student_gradient"): "SR: delta search + hypergradient",
     ("abd_fl/defense/retrospection.py", "synthesize_delta"): "  of which the delta search",
     ("abd_fl/defense/retrospection.py", "_hypergradient"): "  of which the hypergradient",
-    ("abd_fl/defense/abd.py", "on_iteration"): "vaccine scoring / search (on_iteration)",
+    ("abd_fl/defense/abd.py", "on_iteration"): "vaccine scoring (once, for the report and detection AUC) or search",
     ("abd_fl/distill/synthesizers/zskt.py", "generator_round"): "generator steps (SV term included)",
 }
 
@@ -242,7 +242,9 @@ def scaling(counts: list[int], iterations: int, threads: int) -> list[str]:
     for n in counts:
         for vec in ("off", "on"):
             proc = subprocess.run([sys.executable, __file__, "--_point", str(n), vec, "--iterations", str(iterations),
-                                   "--threads", str(threads)], capture_output=True, text=True, check=True)
+                                   "--threads", str(threads)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"scaling point {n} teachers, vectorize={vec} failed:\n{proc.stderr[-3000:]}")
             points[(n, vec)] = json.loads(proc.stdout.strip().splitlines()[-1])
     out = [f"\n(c) server distillation vs number of client teachers: ZSKT, {iterations} timed iterations after one warm-up, "
            "no defense, each point a fresh process",
@@ -292,6 +294,9 @@ def round_shares(run_dir: Path | None) -> list[str]:
         if "round" not in rec:
             continue
         t = rec["timings"]
+        if "replies_wait_s" not in t:
+            out.append(f"| {rec['round']} | not recorded (a run made before replies_wait_s existed) | | | | |")
+            continue
         server = sum(v for k, v in t.items() if k != "replies_wait_s")
         work = [i["train_s"] for i in rec["teacher_info"] if "train_s" in i]
         critical = max(max(work, default=0.0), sum(work) / slots)

@@ -302,21 +302,24 @@ class DataFreeKD(Strategy):
         return teachers, info
 
 
-def _partition_id(msg: Message) -> int | None:
+def _partition_id(msg: Message) -> float | None:
     metrics = next(iter(msg.content.metric_records.values()), None)
     value = metrics.get("partition-id") if metrics is not None else None
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def in_partition_order(replies: list[Message]) -> list[Message]:
-    """``replies`` ordered by partition id, or by node id when some reply carries none (as
-    stock ClientApps do), so that the teachers' order and the base's sums over replies do
-    not depend on which client answered first: a resumed or repeated run adds in the same
-    order, bit for bit."""
+    """``replies`` ordered by (partition id, node id), or by node id alone when some reply
+    carries no partition id (as stock ClientApps do), so that the teachers' order and the
+    base's sums over replies do not depend on which client answered first. Partition ids are
+    fixed by the federation's config, so a resumed or repeated run adds in the same order, bit
+    for bit; Flower draws a simulation's node ids afresh at each start, so for stock replies
+    the order holds within one run only."""
     parts = [_partition_id(m) for m in replies]
     if any(p is None for p in parts):
         return sorted(replies, key=lambda m: int(m.metadata.src_node_id))
-    return [m for _, m in sorted(zip(parts, replies), key=lambda pair: pair[0])]
+    keyed = sorted(zip(parts, (int(m.metadata.src_node_id) for m in replies), range(len(replies))))
+    return [replies[i] for _, _, i in keyed]
 
 
 def make_base_strategy(name: str, params: Mapping[str, Any] | None, num_clients: int, fraction_train: float) -> Strategy:

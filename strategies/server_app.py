@@ -31,6 +31,7 @@ from abd_fl.experiment import (
     build_named_model,
     distill_arms,
     fedgen_settings,
+    check_partitions,
     malicious_ids,
     prepare_run,
     strategy_name,
@@ -192,6 +193,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     _configure_logging()
     t_start = time.perf_counter()
     setup = prepare_run(cfg)
+    check_partitions(cfg, setup.bundle)  # also for `flwr run`, which does not pass through abd-fl's checks
     device, bundle = setup.device, setup.bundle
     clean_test, poisoned_test, target = setup.clean_test, setup.poisoned_test, setup.target
     sim = cfg["simulation"]

@@ -70,6 +70,8 @@ def test_hooks_mixed_architectures_one_teacher_and_auto_on_cpu_use_the_loop() ->
     assert seen, "a hooked teacher must run as a module, so its hook fires"
     handle.remove()
     assert ens.runs_vectorized(cpu)
+    teachers[1].train()  # one teacher put back in train mode: the modes differ, so the loop runs
+    assert not ens.runs_vectorized(cpu)
 
 
 def test_a_bad_vectorize_mode_is_a_one_line_error() -> None:

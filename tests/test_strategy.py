@@ -132,10 +132,13 @@ def test_the_aggregate_and_the_teachers_do_not_depend_on_the_replies_arrival_ord
         return _distill_fn(arm, teachers, student, rnd)
 
     strategy = DataFreeKD(FedAvg(fraction_evaluate=0.0), lambda: model(0), lambda: model(0), record, mode="multi_round")
-    weights = {p: 7 + 13 * p for p in range(6)}
-    made = {p: reply(p + 1, good_arrays(p + 1), {"num-examples": weights[p], "partition-id": p, "malicious": 0}) for p in weights}
-    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 4, 0, 2], [2, 4, 0, 5, 1, 3]):
-        strategy.aggregate_train(1, [made[p] for p in order])
+    # node ids in another order than partition ids; partition 2 claimed by two nodes (ordered by node id)
+    nodes = {0: 50, 1: 7, 2: 33, 3: 2, 4: 41, 5: 19, 6: 12}
+    parts = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 2}
+    made = {k: reply(nodes[k], good_arrays(k + 1), {"num-examples": 7 + 13 * k, "partition-id": parts[k], "malicious": 0})
+            for k in nodes}
+    for order in ([0, 1, 2, 3, 4, 5, 6], [5, 3, 6, 1, 4, 0, 2], [6, 2, 4, 0, 5, 1, 3]):
+        strategy.aggregate_train(1, [made[k] for k in order])
     (first, first_teachers), *others = seen
     for start, teachers in others:
         assert all(torch.equal(start[k], first[k]) for k in first)

@@ -89,7 +89,9 @@ class TeacherEnsemble(nn.Module):
         self.set_weights(weights)
         first = self.teachers[0]
         signature = _signature(first)
-        self._same_architecture = all(type(t) is type(first) and _signature(t) == signature for t in self.teachers)
+        self._same_architecture = all(
+            type(t) is type(first) and _signature(t) == signature and repr(t) == repr(first) for t in self.teachers
+        )
         self._stacked: tuple[tuple, dict, dict, nn.Module] | None = None  # (key, params, buffers, skeleton)
 
     def set_weights(self, weights: Sequence[float] | None) -> None:
@@ -124,7 +126,11 @@ class TeacherEnsemble(nn.Module):
         """Whether a forward on ``device`` runs the teachers as one batched call (module doc)."""
         if self.vectorize == "off" or (self.vectorize == "auto" and device.type != "cuda"):
             return False
-        return len(self.teachers) > 1 and self._same_architecture and not self._hooked()
+        return len(self.teachers) > 1 and self._same_architecture and not self._hooked() and not self._mixed_modes()
+
+    def _mixed_modes(self) -> bool:
+        modes = [tuple(m.training for m in t.modules()) for t in self.teachers]
+        return any(mode != modes[0] for mode in modes)
 
     def _hooked(self) -> bool:
         return any(
@@ -136,7 +142,9 @@ class TeacherEnsemble(nn.Module):
         from torch.func import functional_call, stack_module_state, vmap
 
         tensors = [v for t in self.teachers for v in (*t.parameters(), *t.buffers())]
-        key = (x.device, tuple((v.data_ptr(), v._version) for v in tensors))
+        # restacked when a teacher's tensors move or change in place (not through ``.data``, which
+        # keeps no version) or a module changes mode (the skeleton is built in the teachers' modes)
+        key = (x.device, tuple((v.data_ptr(), v._version) for v in tensors), tuple(m.training for m in self.teachers[0].modules()))
         if self._stacked is None or self._stacked[0] != key:  # restacked only when a teacher changed
             params, buffers = stack_module_state(list(self.teachers))
             skeleton = copy.deepcopy(self.teachers[0]).to("meta")
