@@ -137,12 +137,12 @@ def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates via Hydra's root handler
     quiet_library_loggers()
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    runner = resolved.get("runner", "federated")
     try:
         validate_config(resolved)
         resolved = with_absolute_checkpoint_paths(resolved)
         check_teacher_checkpoints(resolved)
         bundle = build_bundle(resolved)  # the dataset's files, before Ray starts (cached: the run reuses it in this process)
-        runner = resolved.get("runner", "federated")
         if runner == "federated" or (runner == "train_teachers" and resolved["teachers"]["which"] != "central"):
             check_partitions(resolved, bundle)  # every client's split, before Ray starts: a client cannot fail on it
     except ConfigError as err:
@@ -154,7 +154,6 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (DatasetNotFoundError, ValueError) as err:  # missing files, or files not in the expected format
         print(f"abd-fl: dataset error: {err}", file=sys.stderr)
         sys.exit(2)
-    runner = resolved.get("runner", "federated")
     if runner == "centralized":
         from abd_fl.centralized import run_centralized
 

@@ -42,6 +42,11 @@ RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_probs", "tr
 DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "ensemble_rules"
 
 
+def cell_overrides(scenario: str, rule: str, extra: list[str]) -> list[str]:
+    """The Hydra overrides of one cell (scenario x rule), plus the command line's extras."""
+    return [*BASE, *SCENARIOS[scenario], f"distill.ensemble={rule}", *extra]
+
+
 def _cell(runs: list[dict], role: str) -> str:
     if not runs:
         return "not run"
@@ -73,15 +78,14 @@ def main() -> None:
     cells = [(seed, sc, rule) for seed in args.seeds for sc in args.scenarios for rule in args.rules]
     if args.dry_run:
         for seed, sc, rule in cells:
-            print(" ".join(run_command(out, f"{sc}-{rule}", [*BASE, *SCENARIOS[sc], f"distill.ensemble={rule}", *args.overrides],
-                                       seed)[1:]))
+            print(" ".join(run_command(out, f"{sc}-{rule}", cell_overrides(sc, rule, args.overrides), seed)[1:]))
         return
     out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict]] = {}
     failures = []
     for seed, sc, rule in cells:
         try:
-            summary = run_one(out, f"{sc}-{rule}", [*BASE, *SCENARIOS[sc], f"distill.ensemble={rule}", *args.overrides], seed,
+            summary = run_one(out, f"{sc}-{rule}", cell_overrides(sc, rule, args.overrides), seed,
                               resume=True, report_only=args.report, archive=archive)
             results.setdefault((sc, rule), []).append(summary)
         except RunFailed as err:
