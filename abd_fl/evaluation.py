@@ -12,6 +12,7 @@ from torch import nn
 
 from abd_fl.data import ImageData
 from abd_fl.distill import TeacherEnsemble
+from abd_fl.distill.ensemble import ENSEMBLE_RULES
 from abd_fl.metrics import backdoor_metrics
 
 
@@ -31,10 +32,12 @@ def evaluate_round(
     device: torch.device | str = "cpu",
     ensemble_rule: str = "mean_logits",
     ensemble_trim: float = 0.2,
+    every_rule: bool = False,
 ) -> dict[str, object]:
     """Metrics of each teacher, the malicious/benign means, the ensemble (the teachers combined
     by ``ensemble_rule``, as the distillation combines them), the aggregated model (key
-    ``fedavg``) and every student (keyed by its role name)."""
+    ``fedavg``) and every student (keyed by its role name). With ``every_rule`` also the
+    ensemble under each rule of ``ENSEMBLE_RULES`` (key ``ensembles``, by rule name)."""
 
     def m(model: nn.Module) -> dict[str, float]:
         return backdoor_metrics(model, clean_test, poisoned_test, target_label, device)
@@ -50,6 +53,10 @@ def evaluate_round(
         out["benign_teachers"] = _mean(ben)
     if teachers:
         out["ensemble"] = m(TeacherEnsemble(list(teachers), rule=ensemble_rule, trim=ensemble_trim))
+        if every_rule:
+            out["ensembles"] = {
+                rule: m(TeacherEnsemble(list(teachers), rule=rule, trim=ensemble_trim)) for rule in ENSEMBLE_RULES
+            }
     if aggregated is not None:
         out["fedavg"] = m(aggregated)
     for role, student in students.items():

@@ -1,11 +1,15 @@
 """Teacher-ensemble rules against scaled attackers (issue 15, item 1): which ``distill.ensemble``
 rule should be the default?
 
-    .venv/bin/python benchmarks/ensemble_rules.py --seeds 0            # every scenario x rule
-    .venv/bin/python benchmarks/ensemble_rules.py --scenarios clean x5 --rules mean_logits median_probs
+    .venv/bin/python benchmarks/ensemble_rules.py --stage ensembles    # every rule, 3 seeds, cheap
+    .venv/bin/python benchmarks/ensemble_rules.py --seeds 0            # students: every scenario x rule
+    .venv/bin/python benchmarks/ensemble_rules.py --scenarios clean 2of6_x5 --rules mean_logits median_probs
     .venv/bin/python benchmarks/ensemble_rules.py --report             # the tables from finished runs only
 
-Each cell is one real ``abd-fl`` run (Flower + Ray) of the FL default scenario (one-shot, 6
+``--stage ensembles``: one run per scenario and seed trains the clients' teachers and scores
+the teacher ensemble under every rule on those same teachers (``distill.ensemble_report=true``),
+with no distillation (``distill.iterations=0``): about a tenth of a student cell's time, so
+every rule gets 3 seeds. ``--stage students`` (the default): each cell is one real ``abd-fl`` run (Flower + Ray) of the FL default scenario (one-shot, 6
 clients, defense off, so what is measured is the ensemble rule, not ABD; no clean-KD
 reference) with one ``distill.ensemble`` rule. Scenarios: no attacker; the default two
 attackers of six unscaled; two scaled x5 and x20 (model replacement, ``attack.scale``); one
@@ -47,6 +51,32 @@ def cell_overrides(scenario: str, rule: str, extra: list[str]) -> list[str]:
     return [*BASE, *SCENARIOS[scenario], f"distill.ensemble={rule}", *extra]
 
 
+ENSEMBLE_STAGE = ["distill.iterations=0", "distill.ensemble_report=true"]
+
+
+def ensemble_overrides(scenario: str, extra: list[str]) -> list[str]:
+    """The Hydra overrides of one ensembles-stage run (a scenario: every rule on its teachers)."""
+    return [*BASE, *SCENARIOS[scenario], *ENSEMBLE_STAGE, *extra]
+
+
+def _spread(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules: list[str]) -> str:
+    """Per scenario and rule, the ensemble's Acc, ASR and floor: mean (min-max) over seeds."""
+    lines = []
+    for key, title in (("acc", "Acc %"), ("asr", "ASR %"), ("asr_floor", "ASR floor %")):
+        lines += [f"\nteacher ensemble, {title}: mean (min-max) over seeds", "",
+                  "| scenario | n | " + " | ".join(rules) + " |", "|---|---:|" + "---|" * len(rules)]
+        for sc in scenarios:
+            runs = [r for r in results.get(sc, []) if "ensembles" in r]
+            cells = [_spread([100 * r["ensembles"][rule][key] for r in runs]) if runs else "not run" for rule in rules]
+            lines.append(f"| {sc} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(runs: list[dict], role: str) -> str:
     if not runs:
         return "not run"
@@ -69,28 +99,43 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--stage", choices=("students", "ensembles"), default="students",
+                        help="students: one run per scenario x rule; ensembles: one run per scenario, every rule scored")
     parser.add_argument("--report", action="store_true", help="the tables from finished runs; start none")
     parser.add_argument("--dry-run", action="store_true", help="print the abd-fl commands and exit")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "ensemble_rules"
     archive = None if args.overrides else DEFAULT_ARCHIVE
-    cells = [(seed, sc, rule) for seed in args.seeds for sc in args.scenarios for rule in args.rules]
+    if args.stage == "ensembles":
+        out, archive = out / "ensembles", (archive / "ensembles" if archive is not None else None)
+        cells = [(seed, sc, "ensembles") for seed in args.seeds for sc in args.scenarios]
+    else:
+        cells = [(seed, sc, rule) for seed in args.seeds for sc in args.scenarios for rule in args.rules]
+
+    def overrides(sc: str, rule: str) -> list[str]:
+        return ensemble_overrides(sc, args.overrides) if args.stage == "ensembles" else cell_overrides(sc, rule, args.overrides)
+
+    def render(results: dict[tuple[str, str], list[dict]]) -> str:
+        if args.stage == "ensembles":
+            return ensemble_tables({sc: results.get((sc, "ensembles"), []) for sc in args.scenarios}, args.scenarios, args.rules)
+        return tables(results, args.scenarios, args.rules)
+
     if args.dry_run:
         for seed, sc, rule in cells:
-            print(" ".join(run_command(out, f"{sc}-{rule}", cell_overrides(sc, rule, args.overrides), seed)[1:]))
+            print(" ".join(run_command(out, f"{sc}-{rule}", overrides(sc, rule), seed)[1:]))
         return
     out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict]] = {}
     failures = []
     for seed, sc, rule in cells:
         try:
-            summary = run_one(out, f"{sc}-{rule}", cell_overrides(sc, rule, args.overrides), seed,
+            summary = run_one(out, f"{sc}-{rule}", overrides(sc, rule), seed,
                               resume=True, report_only=args.report, archive=archive)
             results.setdefault((sc, rule), []).append(summary)
         except RunFailed as err:
             failures.append(f"{sc} / {rule} / seed {seed}: {str(err).splitlines()[0][:160]}")
-        text = tables(results, args.scenarios, args.rules)
+        text = render(results)
         (out / "results.md").write_text(text + ("\n" + "\n".join(failures) + "\n" if failures else ""))
         if archive is not None and not args.report:
             archive.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             device,
             ensemble_rule=str(cfg["distill"].get("ensemble", "mean_logits")),
             ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
+            every_rule=bool(cfg["distill"].get("ensemble_report", False)),
         )
         timings = {**outcome.timings, "evaluate_s": time.perf_counter() - t0}
         malicious = [i["malicious"] for i in outcome.teacher_info]
@@ -322,7 +323,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
     roles = TEACHER_ROLES + tuple(arm for arm, _ in arms)
-    summary: dict[str, Any] = {k: state["metrics"][k] for k in roles if k in state.get("metrics", {})}
+    summary: dict[str, Any] = {k: state["metrics"][k] for k in roles + ("ensembles",) if k in state.get("metrics", {})}
     ref = cfg.get("clean_kd_reference") or {}
     if ref.get("enabled", False) and state.get("teachers"):
         reference = distill_clean_kd_reference(cfg, bundle, state["teachers"], device)

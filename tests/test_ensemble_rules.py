@@ -138,3 +138,24 @@ def test_the_hydra_group_carries_the_rule() -> None:
 def test_a_bad_rule_in_the_config_stops_before_anything_starts() -> None:
     with pytest.raises(ConfigError, match=r"^unknown distill.ensemble 'avg'; choose one of: mean_logits"):
         validate_config(compose_config(["distill.ensemble=avg"]))
+
+
+def test_the_round_report_scores_every_rule_on_the_same_teachers() -> None:
+    """``distill.ensemble_report``: evaluate_round scores the ensemble under every rule; on
+    4 benign + 2 scaled teachers mean_logits answers the target everywhere (Acc 0, floor 1) and
+    the bounded rules answer the majority's class (Acc 1, floor 0)."""
+    from abd_fl.data.base import ImageData
+    from abd_fl.evaluation import evaluate_round
+
+    clean = ImageData(torch.rand(6, 1, 2, 2), torch.full((6,), TRUE))
+    poisoned = ImageData(torch.rand(6, 1, 2, 2), torch.full((6,), TRUE))
+    teachers = _federation(attackers=2, scale=5.0)
+    out = evaluate_round(teachers, [False] * 4 + [True] * 2, None, {}, clean, poisoned, TARGET,
+                         ensemble_trim=0.34, every_rule=True)
+    assert set(out["ensembles"]) == set(ENSEMBLE_RULES)
+    assert out["ensembles"]["mean_logits"] == out["ensemble"]
+    assert out["ensembles"]["mean_logits"]["acc"] == 0.0 and out["ensembles"]["mean_logits"]["asr_floor"] == 1.0
+    for rule in ENSEMBLE_RULES[1:]:
+        assert out["ensembles"][rule]["acc"] == 1.0 and out["ensembles"][rule]["asr_floor"] == 0.0, rule
+    assert "ensembles" not in evaluate_round(teachers, [False] * 6, None, {}, clean, poisoned, TARGET)
+    assert compose_config(["distill.ensemble_report=true"])["distill"]["ensemble_report"] is True

@@ -157,6 +157,10 @@ class DistillSettings:
     ``standardized_logits`` | ``median_probs`` | ``trimmed_probs`` (``abd_fl/distill/ensemble.py``)."""
     ensemble_trim: float = 0.2
     """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
+    ensemble_report: bool = False
+    """Also evaluate the round's teacher ensemble under every rule (``ensembles`` in
+    ``metrics.jsonl``; report only, the distillation uses ``ensemble``): compares the rules on
+    the same teachers in one run (``benchmarks/ensemble_rules.py``)."""
     ensemble_vectorize: str = "off"
     """Run the client teachers (one architecture) as one ``vmap``-ed call: ``off`` (measured
     faster on CPU) | ``on`` | ``auto`` (on CUDA only; not yet timed on a GPU); the same
