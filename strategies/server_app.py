@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import shlex
 import time
 from typing import Any
@@ -57,6 +58,16 @@ from strategies.fedgen import FedGenExtension
 log = logging.getLogger("abd_fl")
 CONFIG_KEY = "abd-config"
 TEACHER_ROLES = ("malicious_teacher", "benign_teachers", "ensemble", "fedavg")
+
+
+def server_memory_mb(device: torch.device | str) -> dict[str, float]:
+    """The server process's peak resident memory so far (MB; on Linux ``ru_maxrss`` is in KB),
+    and on CUDA the peak memory torch allocated on the device: the figures of the scaling
+    plot (issue 16, ``benchmarks/scale_clients.py``)."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.device(device).type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +267,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
                 for arm, r in outcome.distill_results.items()
             },
             "timings": timings,
+            "server_memory": server_memory_mb(device),
         }
         if extension is not None:
             record[extension.name] = outcome.extension  # e.g. FedGen's generator training

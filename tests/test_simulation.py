@@ -41,6 +41,7 @@ def test_two_round_three_client_ray_simulation(tmp_path: Path) -> None:
         assert rec["timings"]["dfkd_student_s"] > 0 and rec["rejected"] == []
         # the round's wait for replies (Flower + Ray + local work) covers each client's own seconds
         assert all(0 < i["train_s"] < rec["timings"]["replies_wait_s"] for i in rec["teacher_info"])
+        assert rec["server_memory"]["peak_rss_mb"] > 100  # the server process's peak so far (torch alone is more)
     summary = json.loads((run / "summary.json").read_text())
     for role in ("malicious_teacher", "benign_teachers", "ensemble", "fedavg", "dfkd_student", "clean_kd_reference"):
         assert set(summary[role]) == {"acc", "asr", "asr_floor"}
