@@ -46,6 +46,10 @@ CASES: dict[str, list[str]] = {
     "scaled_x5": ["attack.scale=5"],
     "scaled_x5_median": ["attack.scale=5", "distill.ensemble=median_probs"],
     "scaled_x5_clip": ["attack.scale=5", "strategy.update_check.action=clip"],
+    # what clip costs honest clients, and whether it bounds a huge update (the update_check default)
+    "none_clip": ["strategy.update_check.action=clip"],
+    "huge_norm_clip": ["fault.kind=huge_norm", ONE, "strategy.update_check.action=clip"],
+    "scaled_x5_mean_probs": ["attack.scale=5", "distill.ensemble=mean_probs"],
 }
 DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "faults"
 
