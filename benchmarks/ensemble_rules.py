@@ -15,7 +15,7 @@ reference) with one ``distill.ensemble`` rule. Scenarios: no attacker; the defau
 attackers of six unscaled; two scaled x5 and x20 (model replacement, ``attack.scale``); one
 and three of six scaled x5. Within a scenario and seed the clients train the same teachers
 under every rule (same seed), so the rules differ only in the server's ensemble. Reported per
-cell: the student's Acc / ASR / floor and the ensemble's, median over seeds. The choice
+cell: the student's Acc / ASR / floor and the ensemble's, mean (min-max) over seeds. The choice
 rule (issue 15): the default must not lose more than 1 point of clean accuracy without an
 attacker against ``mean_logits``. Finished runs are read back; their records are archived in
 the tracked ``benchmarks/results/ensemble_rules/`` and ``results.md`` is rewritten after
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -80,14 +79,13 @@ def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules:
 def _cell(runs: list[dict], role: str) -> str:
     if not runs:
         return "not run"
-    values = [[100 * r[role][k] for r in runs] for k in ("acc", "asr", "asr_floor")]
-    return " / ".join(f"{statistics.median(v):.1f}" for v in values) + (f" (n={len(runs)})" if len(runs) > 1 else "")
+    return " / ".join(_spread([100 * r[role][k] for r in runs]) for k in ("acc", "asr", "asr_floor"))
 
 
 def tables(results: dict[tuple[str, str], list[dict]], scenarios: list[str], rules: list[str]) -> str:
     lines = []
     for role, title in (("dfkd_student", "data-free KD student"), ("ensemble", "teacher ensemble")):
-        lines += [f"\n{title}: Acc / ASR / floor % (median over seeds)", "",
+        lines += [f"\n{title}: Acc / ASR / floor %, mean (min-max) over seeds", "",
                   "| scenario | " + " | ".join(rules) + " |", "|---|" + "---|" * len(rules)]
         for sc in scenarios:
             lines.append(f"| {sc} | " + " | ".join(_cell(results.get((sc, rule), []), role) for rule in rules) + " |")
