@@ -11,6 +11,7 @@ from torch import nn
 
 from abd_fl.data import DatasetBundle
 from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
+from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE
 from abd_fl.experiment import build_named_model
 
 
@@ -46,7 +47,7 @@ def distill_clean_kd_reference(
             temperature=float(ref["temperature"]),
             seed=int(cfg["seed"]),
             attention_beta=float(cfg["distill"].get("attention_beta", 0.0)),
-            ensemble=str(cfg["distill"].get("ensemble", "mean_logits")),
+            ensemble=str(cfg["distill"].get("ensemble", DEFAULT_ENSEMBLE)),
             ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
             ensemble_vectorize=str(cfg["distill"].get("ensemble_vectorize", "off")),
         ),

@@ -12,7 +12,7 @@ from torch import nn
 
 from abd_fl.data import ImageData
 from abd_fl.distill import TeacherEnsemble
-from abd_fl.distill.ensemble import ENSEMBLE_RULES
+from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE, ENSEMBLE_RULES
 from abd_fl.metrics import backdoor_metrics
 
 
@@ -30,7 +30,7 @@ def evaluate_round(
     poisoned_test: ImageData,
     target_label: int,
     device: torch.device | str = "cpu",
-    ensemble_rule: str = "mean_logits",
+    ensemble_rule: str = DEFAULT_ENSEMBLE,
     ensemble_trim: float = 0.2,
     every_rule: bool = False,
 ) -> dict[str, object]:

@@ -39,6 +39,7 @@ from abd_fl.experiment import (
 )
 from abd_fl.defense import suspicion_auc
 from abd_fl.defense.settings import DefenseSettings, defense_settings
+from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE
 from abd_fl.distill.fedgen import FedGenConfig
 from abd_fl.distill.settings import DistillSettings, distill_settings
 from abd_fl.paths import compose_config
@@ -244,7 +245,7 @@ def run_server(grid: Grid, cfg: dict[str, Any]) -> dict[str, Any]:
             poisoned_test,
             target,
             device,
-            ensemble_rule=str(cfg["distill"].get("ensemble", "mean_logits")),
+            ensemble_rule=str(cfg["distill"].get("ensemble", DEFAULT_ENSEMBLE)),
             ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
             every_rule=bool(cfg["distill"].get("ensemble_report", False)),
         )

@@ -45,7 +45,7 @@ def test_kd_loss_is_zero_for_equal_logits_and_positive_otherwise() -> None:
 
 def test_ensemble_averages_logits_with_weights_and_stays_frozen() -> None:
     a, b = nn.Linear(4, 3), nn.Linear(4, 3)
-    ens = TeacherEnsemble([a, b])
+    ens = TeacherEnsemble([a, b], rule="mean_logits")
     x = torch.randn(5, 4)
     assert torch.allclose(ens(x), (a(x) + b(x)) / 2, atol=1e-6)
     ens.set_weights([3.0, 1.0])

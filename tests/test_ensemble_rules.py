@@ -42,7 +42,7 @@ def _x(n: int = 8) -> torch.Tensor:
 
 
 def test_mean_logits_is_hijacked_by_two_scaled_teachers() -> None:
-    ens = TeacherEnsemble(_federation(attackers=2, scale=5.0))
+    ens = TeacherEnsemble(_federation(attackers=2, scale=5.0), rule="mean_logits")
     assert bool((ens(_x()).argmax(1) == TARGET).all())  # what issue 15 measured: 2 of 6 at x5 take the ensemble
 
 
@@ -132,7 +132,7 @@ def test_the_loop_distils_from_the_configured_rule() -> None:
 def test_the_hydra_group_carries_the_rule() -> None:
     cfg = compose_config(["distill.ensemble=trimmed_probs", "distill.ensemble_trim=0.25"])
     assert cfg["distill"]["ensemble"] == "trimmed_probs" and cfg["distill"]["ensemble_trim"] == 0.25
-    assert compose_config([])["distill"]["ensemble"] == "mean_logits"
+    assert compose_config([])["distill"]["ensemble"] == "mean_probs"  # the default chosen in issue 15
 
 
 def test_a_bad_rule_in_the_config_stops_before_anything_starts() -> None:
@@ -153,7 +153,7 @@ def test_the_round_report_scores_every_rule_on_the_same_teachers() -> None:
     out = evaluate_round(teachers, [False] * 4 + [True] * 2, None, {}, clean, poisoned, TARGET,
                          ensemble_trim=0.34, every_rule=True)
     assert set(out["ensembles"]) == set(ENSEMBLE_RULES)
-    assert out["ensembles"]["mean_logits"] == out["ensemble"]
+    assert out["ensembles"]["mean_probs"] == out["ensemble"]  # the default rule
     assert out["ensembles"]["mean_logits"]["acc"] == 0.0 and out["ensembles"]["mean_logits"]["asr_floor"] == 1.0
     for rule in ENSEMBLE_RULES[1:]:
         assert out["ensembles"][rule]["acc"] == 1.0 and out["ensembles"][rule]["asr_floor"] == 0.0, rule

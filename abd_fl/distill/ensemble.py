@@ -1,12 +1,13 @@
 """The teacher ensemble of federated data-free KD: how the client models' outputs are combined.
 
-``mean_logits`` (FedDF / DENSE, the default) averages raw logits, so a teacher that sends
-large logits (a scaled, model-replacing attacker) outweighs the others: two of six clients
-at scale 5 take every model the server makes (issue 15). The other rules bound each
-teacher's say:
+``mean_logits`` (FedDF / DENSE; the default before issue 15) averages raw logits, so a
+teacher that sends large logits (a scaled, model-replacing attacker) outweighs the others:
+two of six clients at scale 5 take every model the server makes (issue 15). The other rules
+bound each teacher's say:
 
-* ``mean_probs`` -- the mean of the teachers' softmax probabilities: a teacher's vote is a
-  distribution, at most 1/n of the mass whatever its logits' size.
+* ``mean_probs`` (the default, :data:`DEFAULT_ENSEMBLE`) -- the mean of the teachers'
+  softmax probabilities: a teacher's vote is a distribution, at most 1/n of the mass
+  whatever its logits' size.
 * ``standardized_logits`` -- each teacher's logits standardised per sample over the classes
   (zero mean, unit standard deviation) before the mean: the logits' scale is removed, their
   ranking and relative margins kept.
@@ -43,6 +44,11 @@ from torch import nn
 ENSEMBLE_RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_probs", "trimmed_probs")
 """The ways :class:`TeacherEnsemble` combines its teachers (``distill.ensemble``)."""
 
+DEFAULT_ENSEMBLE = "mean_probs"
+"""The default rule (issue 15): on the default scenario it never lost clean accuracy against
+``mean_logits`` (+4.6 to +8.8 points for the teacher ensemble, 3 seeds) and bounds a scaled
+attacker's say (README, "a server that hostile clients cannot take over")."""
+
 VECTORIZE_MODES = ("auto", "on", "off")
 """How :class:`TeacherEnsemble` runs its teachers (``distill.ensemble_vectorize``)."""
 
@@ -73,7 +79,7 @@ class TeacherEnsemble(nn.Module):
         self,
         teachers: Sequence[nn.Module],
         weights: Sequence[float] | None = None,
-        rule: str = "mean_logits",
+        rule: str = DEFAULT_ENSEMBLE,
         trim: float = 0.2,
         vectorize: str = "off",
     ) -> None:
@@ -164,7 +170,7 @@ def _signature(model: nn.Module) -> list[tuple[str, tuple[int, ...], torch.dtype
     return [(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()]
 
 
-def combine_logits(logits: torch.Tensor, weights: torch.Tensor, rule: str = "mean_logits", trim: float = 0.2) -> torch.Tensor:
+def combine_logits(logits: torch.Tensor, weights: torch.Tensor, rule: str = DEFAULT_ENSEMBLE, trim: float = 0.2) -> torch.Tensor:
     """Combine stacked teacher logits ``(T, B, K)`` with normalised ``weights`` ``(T,)`` by ``rule``
     (the module doc); returns ``(B, K)`` logits."""
     w = weights.to(logits).view(-1, 1, 1)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
-from abd_fl.distill.ensemble import TeacherEnsemble, check_ensemble
+from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE, TeacherEnsemble, check_ensemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
 from abd_fl.distill.losses import KL_REDUCTIONS, kd_kl_per_sample
 from abd_fl.distill.synthesizers.base import Synthesizer
@@ -52,9 +52,9 @@ class DistillConfig:
     """KD's KL over classes: ``sum`` (per-sample KL) or ``mean`` (the reference ZSKT's
     ``F.kl_div(reduction="mean")``: a batch x class mean, as ``configs/distill/zskt.yaml``).
     Sets KD's scale against attention transfer and SR."""
-    ensemble: str = "mean_logits"
+    ensemble: str = DEFAULT_ENSEMBLE
     """How several teachers are combined (:data:`~abd_fl.distill.ensemble.ENSEMBLE_RULES`):
-    ``mean_logits`` (FedDF / DENSE) | ``mean_probs`` | ``standardized_logits`` |
+    ``mean_probs`` (the default) | ``mean_logits`` (FedDF / DENSE) | ``standardized_logits`` |
     ``median_probs`` | ``trimmed_probs``. One teacher gives the same targets under every rule."""
     ensemble_trim: float = 0.2
     """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional
 
+from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE
 from abd_fl.distill.loop import DistillConfig
 from abd_fl.distill.synthesizers import Synthesizer, build_synthesizer
 
@@ -151,9 +152,11 @@ class DistillSettings:
     """Width (``ngf``) of the synthesizer's generator (zskt, dense, cmi); None = 64, the
     reference's. Ignored by a synthesizer without a generator (ood), so a preset that sizes
     the generator (``experiment=mnist_central``: 32) composes with every synthesizer."""
-    ensemble: str = "mean_logits"
+    ensemble: str = DEFAULT_ENSEMBLE
     """How the client teachers are combined (FL; one teacher gives the same targets under every
-    rule): ``mean_logits`` (FedDF / DENSE: the mean of raw logits) | ``mean_probs`` |
+    rule): ``mean_probs`` (the default: the mean of the teachers' probabilities, chosen from
+    the README's ensemble comparison, issue 15) | ``mean_logits`` (FedDF / DENSE: the mean of
+    raw logits, the default before) |
     ``standardized_logits`` | ``median_probs`` | ``trimmed_probs`` (``abd_fl/distill/ensemble.py``)."""
     ensemble_trim: float = 0.2
     """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
