@@ -52,11 +52,11 @@ def evaluate_round(
     if ben:
         out["benign_teachers"] = _mean(ben)
     if teachers:
-        out["ensemble"] = m(TeacherEnsemble(list(teachers), rule=ensemble_rule, trim=ensemble_trim))
+        rules = ENSEMBLE_RULES if every_rule else (ensemble_rule,)
+        by_rule = {rule: m(TeacherEnsemble(list(teachers), rule=rule, trim=ensemble_trim)) for rule in rules}
+        out["ensemble"] = by_rule[ensemble_rule]  # the distillation's own rule, scored once
         if every_rule:
-            out["ensembles"] = {
-                rule: m(TeacherEnsemble(list(teachers), rule=rule, trim=ensemble_trim)) for rule in ENSEMBLE_RULES
-            }
+            out["ensembles"] = by_rule
     if aggregated is not None:
         out["fedavg"] = m(aggregated)
     for role, student in students.items():

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import ROOT, RunFailed, run_command, run_one  # noqa: E402
+from sweep import ROOT, RunFailed, run_command, run_one, write_results_md  # noqa: E402
 
 BASE = ["defense=none", "clean_kd_reference.enabled=false"]
 SCENARIOS: dict[str, list[str]] = {
@@ -134,10 +134,7 @@ def main() -> None:
         except RunFailed as err:
             failures.append(f"{sc} / {rule} / seed {seed}: {str(err).splitlines()[0][:160]}")
         text = render(results)
-        (out / "results.md").write_text(text + ("\n" + "\n".join(failures) + "\n" if failures else ""))
-        if archive is not None and not args.report:
-            archive.mkdir(parents=True, exist_ok=True)
-            (archive / "results.md").write_text(text)
+        write_results_md(out, text, failures, archive, args.report)
     print(text)
     if failures:
         print("\n".join(failures))

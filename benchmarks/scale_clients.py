@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import ROOT, RunFailed, run_one  # noqa: E402
+from sweep import ROOT, RunFailed, run_one, write_results_md  # noqa: E402
 
 BASE = ["experiment=fl100", "defense=none", "clean_kd_reference.enabled=false"]
 DEFAULT_CLIENTS = (6, 12, 25, 50, 100)
@@ -141,10 +141,7 @@ def main() -> None:
         except RunFailed as err:
             failures.append(f"{n} clients: {str(err).splitlines()[0][:160]}")
         text = table(points) if points else "no finished run yet\n"
-        (out / "results.md").write_text(text + ("\n" + "\n".join(failures) + "\n" if failures else ""))
-        if archive is not None and not args.report:
-            archive.mkdir(parents=True, exist_ok=True)
-            (archive / "results.md").write_text(text)
+        write_results_md(out, text, failures, archive, args.report)
     print(text)
     if failures:
         print("\n".join(failures))

@@ -83,6 +83,16 @@ def archive_run(run_dir: Path, archive: Path) -> Path:
     return dest
 
 
+def write_results_md(out: Path, text: str, failures: list[str], archive: Path | None, report_only: bool) -> None:
+    """Rewrite ``out/results.md`` (the table and any failed runs, one line each) and, unless
+    only reporting, the tracked ``archive/results.md`` (the table alone): called after every
+    run, so nothing computed is lost."""
+    (out / "results.md").write_text(text + ("\n" + "\n".join(failures) + "\n" if failures else ""))
+    if archive is not None and not report_only:
+        archive.mkdir(parents=True, exist_ok=True)
+        (archive / "results.md").write_text(text)
+
+
 def run_command(out: Path, label: str, overrides: list[str], seed: int) -> list[str]:
     """The ``abd-fl`` command line of one sweep run, as ``run_one`` runs it (its run
     directory is ``out/<label>-seed<seed>``)."""
