@@ -4,6 +4,7 @@ rule should be the default?
     .venv/bin/python benchmarks/ensemble_rules.py --stage ensembles    # every rule, 3 seeds, cheap
     .venv/bin/python benchmarks/ensemble_rules.py --seeds 0            # students: every scenario x rule
     .venv/bin/python benchmarks/ensemble_rules.py --scenarios clean 2of6_x5 --rules mean_logits median_probs
+    .venv/bin/python benchmarks/ensemble_rules.py --scenarios 2of6_x5 --rules mean_probs --variants clip krum_selected
     .venv/bin/python benchmarks/ensemble_rules.py --report             # the tables from finished runs only
 
 ``--stage ensembles``: one run per scenario and seed trains the clients' teachers and scores
@@ -41,13 +42,29 @@ SCENARIOS: dict[str, list[str]] = {
     "1of6_x5": ["attack.num_malicious=1", "attack.scale=5"],
     "3of6_x5": ["attack.num_malicious=3", "attack.scale=5"],
 }
+VARIANTS: dict[str, list[str]] = {
+    "plain": [],
+    "clip": ["strategy.update_check.action=clip"],
+    "reject": ["strategy.update_check.action=reject"],
+    "krum_selected": ["strategy=krum", "strategy.teachers=selected"],
+    "multikrum_selected": ["strategy=multikrum", "strategy.teachers=selected"],
+}
+"""The server's other guards, tried with a rule: ``plain`` (the FL default: FedAvg, every valid
+reply teaches, ``update_check`` keep); the update check's ``clip`` / ``reject`` of replies out
+of line with the round's others; Krum / MultiKrum (f = 2) with only the replies they select
+as teachers (``strategy.teachers=selected``)."""
 RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_probs", "trimmed_probs")
 DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "ensemble_rules"
 
 
-def cell_overrides(scenario: str, rule: str, extra: list[str]) -> list[str]:
-    """The Hydra overrides of one cell (scenario x rule), plus the command line's extras."""
-    return [*BASE, *SCENARIOS[scenario], f"distill.ensemble={rule}", *extra]
+def cell_overrides(scenario: str, rule: str, extra: list[str], variant: str = "plain") -> list[str]:
+    """The Hydra overrides of one cell (scenario x rule x variant), plus the command line's extras."""
+    return [*BASE, *SCENARIOS[scenario], *VARIANTS[variant], f"distill.ensemble={rule}", *extra]
+
+
+def row_name(scenario: str, variant: str) -> str:
+    """A table row and a run's name part: the scenario, with the variant unless it is ``plain``."""
+    return scenario if variant == "plain" else f"{scenario}+{variant}"
 
 
 ENSEMBLE_STAGE = ["distill.iterations=0", "distill.ensemble_report=true"]
@@ -97,6 +114,8 @@ def main() -> None:
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=["plain"], choices=list(VARIANTS),
+                        help="the server's other guards tried with each rule (students stage; a table row each)")
     parser.add_argument("--stage", choices=("students", "ensembles"), default="students",
                         help="students: one run per scenario x rule; ensembles: one run per scenario, every rule scored")
     parser.add_argument("--report", action="store_true", help="the tables from finished runs; start none")
@@ -107,32 +126,37 @@ def main() -> None:
     archive = None if args.overrides else DEFAULT_ARCHIVE
     if args.stage == "ensembles":
         out, archive = out / "ensembles", (archive / "ensembles" if archive is not None else None)
-        cells = [(seed, sc, "ensembles") for seed in args.seeds for sc in args.scenarios]
+        cells = [(seed, sc, "plain", "ensembles") for seed in args.seeds for sc in args.scenarios]
     else:
-        cells = [(seed, sc, rule) for seed in args.seeds for sc in args.scenarios for rule in args.rules]
+        cells = [(seed, sc, variant, rule) for seed in args.seeds for sc in args.scenarios
+                 for variant in args.variants for rule in args.rules]
+    rows = [row_name(sc, variant) for sc in args.scenarios for variant in args.variants]
 
-    def overrides(sc: str, rule: str) -> list[str]:
-        return ensemble_overrides(sc, args.overrides) if args.stage == "ensembles" else cell_overrides(sc, rule, args.overrides)
+    def overrides(sc: str, variant: str, rule: str) -> list[str]:
+        if args.stage == "ensembles":
+            return ensemble_overrides(sc, args.overrides)
+        return cell_overrides(sc, rule, args.overrides, variant)
 
     def render(results: dict[tuple[str, str], list[dict]]) -> str:
         if args.stage == "ensembles":
             return ensemble_tables({sc: results.get((sc, "ensembles"), []) for sc in args.scenarios}, args.scenarios, args.rules)
-        return tables(results, args.scenarios, args.rules)
+        return tables(results, rows, args.rules)
 
     if args.dry_run:
-        for seed, sc, rule in cells:
-            print(" ".join(run_command(out, f"{sc}-{rule}", overrides(sc, rule), seed)[1:]))
+        for seed, sc, variant, rule in cells:
+            print(" ".join(run_command(out, f"{row_name(sc, variant)}-{rule}", overrides(sc, variant, rule), seed)[1:]))
         return
     out.mkdir(parents=True, exist_ok=True)
     results: dict[tuple[str, str], list[dict]] = {}
     failures = []
-    for seed, sc, rule in cells:
+    for seed, sc, variant, rule in cells:
+        row = row_name(sc, variant)
         try:
-            summary = run_one(out, f"{sc}-{rule}", overrides(sc, rule), seed,
+            summary = run_one(out, f"{row}-{rule}", overrides(sc, variant, rule), seed,
                               resume=True, report_only=args.report, archive=archive)
-            results.setdefault((sc, rule), []).append(summary)
+            results.setdefault((row, rule), []).append(summary)
         except RunFailed as err:
-            failures.append(f"{sc} / {rule} / seed {seed}: {str(err).splitlines()[0][:160]}")
+            failures.append(f"{row} / {rule} / seed {seed}: {str(err).splitlines()[0][:160]}")
         text = render(results)
         write_results_md(out, text, failures, archive, args.report)
     print(text)
