@@ -17,7 +17,7 @@ from torch import nn
 from abd_fl.data.base import ImageData
 from abd_fl.device import resolve_device
 
-__all__ = ["predict", "accuracy", "backdoor_metrics"]
+__all__ = ["predict", "accuracy", "backdoor_metrics", "score_predictions"]
 
 #: An ``nn.Module`` or any callable mapping a (N, C, H, W) batch to (N, num_classes) logits.
 Model = Union[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
@@ -83,15 +83,21 @@ def backdoor_metrics(
     if len(clean_test) == 0:
         raise ValueError("clean_test is empty (0 samples); cannot compute clean accuracy")
     clean_pred = predict(model, clean_test.images, device, batch_size)
-    labels = clean_test.labels.cpu()
-    acc = float((clean_pred == labels).float().mean())
+    backdoor_pred = predict(model, poisoned_test.images, device, batch_size) if len(poisoned_test) else None
+    return score_predictions(clean_pred, clean_test.labels, backdoor_pred, target_label)
 
+
+def score_predictions(
+    clean_pred: torch.Tensor, labels: torch.Tensor, backdoor_pred: torch.Tensor | None, target_label: int
+) -> dict[str, float]:
+    """``{"acc", "asr", "asr_floor"}`` from predicted labels (see :func:`backdoor_metrics`):
+    ``clean_pred`` against the clean ``labels``; ``backdoor_pred`` on the triggered images
+    (``None`` or empty: ASR NaN)."""
+    if len(clean_pred) == 0:
+        raise ValueError("clean_test is empty (0 samples); cannot compute clean accuracy")
+    clean_pred, labels = clean_pred.cpu(), labels.cpu()
+    acc = float((clean_pred == labels).float().mean())
     non_target = labels != target_label
     floor = float((clean_pred[non_target] == target_label).float().mean()) if bool(non_target.any()) else math.nan
-
-    if len(poisoned_test) == 0:
-        asr = math.nan
-    else:
-        bd_pred = predict(model, poisoned_test.images, device, batch_size)
-        asr = float((bd_pred == target_label).float().mean())
+    asr = math.nan if backdoor_pred is None or len(backdoor_pred) == 0 else float((backdoor_pred.cpu() == target_label).float().mean())
     return {"acc": acc, "asr": asr, "asr_floor": floor}

@@ -159,3 +159,30 @@ def test_the_round_report_scores_every_rule_on_the_same_teachers() -> None:
         assert out["ensembles"][rule]["acc"] == 1.0 and out["ensembles"][rule]["asr_floor"] == 0.0, rule
     assert "ensembles" not in evaluate_round(teachers, [False] * 6, None, {}, clean, poisoned, TARGET)
     assert compose_config(["distill.ensemble_report=true"])["distill"]["ensemble_report"] is True
+
+
+def test_the_round_report_equals_scoring_each_model_and_runs_each_teacher_once() -> None:
+    """evaluate_round scores the teachers and every rule's ensemble from one pass of each teacher
+    per test set; the figures equal backdoor_metrics of each teacher and of each rule's
+    TeacherEnsemble (more images than one evaluation batch, untrained cnn teachers)."""
+    from abd_fl.data.base import ImageData
+    from abd_fl.distill import TeacherEnsemble
+    from abd_fl.evaluation import evaluate_round
+    from abd_fl.metrics import backdoor_metrics
+    from abd_fl.models import build_model
+
+    torch.manual_seed(0)
+    teachers = [build_model("cnn", 10, 1, [0.5], [0.5]) for _ in range(4)]
+    calls = [0]
+    for t in teachers:
+        t.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    clean = ImageData(torch.rand(1100, 1, 8, 8), torch.randint(0, 10, (1100,)))
+    poisoned = ImageData(torch.rand(300, 1, 8, 8), torch.randint(0, 10, (300,)))
+    out = evaluate_round(teachers, [False, False, True, None], None, {}, clean, poisoned, 3, every_rule=True)
+    assert calls[0] == 4 * 3  # two batches of the clean set and one of the triggered set, per teacher
+    for teacher, got in zip(teachers, out["teachers"]):
+        assert got == pytest.approx(backdoor_metrics(teacher, clean, poisoned, 3), nan_ok=True)
+    for rule in ENSEMBLE_RULES:
+        want = backdoor_metrics(TeacherEnsemble(teachers, rule=rule), clean, poisoned, 3)
+        assert out["ensembles"][rule] == pytest.approx(want), rule
+    assert out["malicious_teacher"] == pytest.approx(out["teachers"][2])
