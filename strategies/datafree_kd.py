@@ -192,14 +192,18 @@ class DataFreeKD(Strategy):
         weight_key = str(getattr(self.base, "weighted_by_key", DEFAULT_WEIGHT_KEY))
         valid, rejected = split_valid_replies(list(replies), self._reference, server_round, extra_check, weight_key)
         valid = in_partition_order(valid)  # arrival order varies run to run; sums over replies must not
-        valid, out_of_line, flags = check_updates(valid, self._global, self.update_check, server_round)
-        rejected += out_of_line
+        checked = check_updates(valid, self._global, self.update_check, server_round)
+        valid, flags = checked.replies, checked.flags
+        rejected += checked.rejected
         if not valid:
             log.warning("round %d: no valid replies; the global model is unchanged", server_round)
             return None, None
         # The teachers are read before the base aggregates: FedMedian, FedTrimmedAvg and
         # Bulyan empty the replies' ArrayRecords while they aggregate.
         teachers, info = self._read_teachers(server_round, valid)
+        for facts in info:  # the update check's figure of every teacher, flagged or not
+            if (figure := checked.figures.get(facts["node_id"])) is not None:
+                facts["update_figure"], facts["update_z"] = round(figure[0], 6), round(figure[1], 3)
         excluded: list[dict[str, Any]] = []
         if self.teachers == "selected":
             teachers, info, excluded = self._selected(server_round, valid, teachers, info)

@@ -21,6 +21,7 @@ anything reads its arrays.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -47,6 +48,21 @@ class UpdateFlag:
         return {"node_id": self.node_id, "figure": round(self.figure, 6), "z": round(self.z, 3), "action": self.action}
 
 
+@dataclass
+class UpdateCheck:
+    """What :func:`check_updates` decided for one round."""
+
+    replies: list[Message]
+    """The replies to use (flagged ones clipped under ``clip``; dropped under ``reject``)."""
+    rejected: list[tuple[int, str]]
+    """``(node id, reason)`` of the replies dropped (too large, or out of line under ``reject``)."""
+    flags: list[UpdateFlag]
+    """The replies out of line, and what was done with them."""
+    figures: dict[int, tuple[float, float]]
+    """Every checked reply's ``(figure, robust z)`` by node id, flagged or not (empty when
+    nothing was computed: ``action=off``, too few replies; z is NaN when the MAD is zero)."""
+
+
 def reply_bytes(msg: Message) -> int:
     """The bytes of every record in ``msg``'s content."""
     return int(sum(record.count_bytes() for record in msg.content.values()))
@@ -68,8 +84,8 @@ def _figure(values: list[np.ndarray], reference: list[np.ndarray] | None) -> flo
 
 def check_updates(
     replies: list[Message], global_arrays: ArrayRecord | None, settings: UpdateCheckSettings, server_round: int
-) -> tuple[list[Message], list[tuple[int, str]], list[UpdateFlag]]:
-    """(replies to use, [(node id, reason)] of those rejected, the flags) for one round's
+) -> UpdateCheck:
+    """The replies to use, those rejected, the flags and every reply's figure for one round's
     valid replies (see the module doc). ``clip`` replaces a flagged reply's ArrayRecord by
     a scaled copy; the other replies are returned unchanged. ``global_arrays`` is the model
     the round sent (needed for ``metric="distance"``; without it the norm is used)."""
@@ -84,7 +100,7 @@ def check_updates(
         else:
             kept.append(msg)
     if settings.action == "off" or len(kept) < settings.min_replies:
-        return kept, rejected, []
+        return UpdateCheck(kept, rejected, [], {})
     arrays = [next(iter(m.content.array_records.values())) for m in kept]
     keys = _float_keys(arrays[0])
     reference = None
@@ -93,8 +109,9 @@ def check_updates(
     figures = np.array([_figure(_floats(a, keys), reference) for a in arrays])
     median = float(np.median(figures))
     spread = MAD_SCALE * float(np.median(np.abs(figures - median)))
+    nodes = [int(m.metadata.src_node_id) for m in kept]
     if spread <= 0:
-        return kept, rejected, []
+        return UpdateCheck(kept, rejected, [], {n: (float(f), math.nan) for n, f in zip(nodes, figures)})
     limit = median + settings.threshold * spread
     flags: list[UpdateFlag] = []
     out: list[Message] = []
@@ -116,7 +133,7 @@ def check_updates(
         if settings.action == "clip":
             _clip(msg, arr, keys, reference, limit / float(fig))
         out.append(msg)
-    return out, rejected, flags
+    return UpdateCheck(out, rejected, flags, {n: (float(f), (float(f) - median) / spread) for n, f in zip(nodes, figures)})
 
 
 def _clip(msg: Message, arrays: ArrayRecord, keys: list[str], reference: list[np.ndarray] | None, factor: float) -> None:

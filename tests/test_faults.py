@@ -55,7 +55,8 @@ def test_a_huge_norm_reply_is_valid_but_out_of_line() -> None:
     replies = [reply(n) for n in range(1, 6)] + [reply(6, "huge_norm")]
     valid, rejected = split_valid_replies(replies, state_signature(model()), 1)
     assert len(valid) == 6 and rejected == []
-    kept, out, flags = check_updates(valid, None, UpdateCheckSettings(action="reject", metric="norm"), 1)
+    checked = check_updates(valid, None, UpdateCheckSettings(action="reject", metric="norm"), 1)
+    kept, out, flags = checked.replies, checked.rejected, checked.flags
     assert [f.node_id for f in flags] == [6] and [n for n, _ in out] == [6] and len(kept) == 5
 
 

@@ -84,6 +84,10 @@ def test_a_scaled_update_is_flagged_and_logged_with_its_node_and_figure(caplog) 
     assert [f.node_id for f in outcome.update_flags] == [SCALED] and outcome.update_flags[0].action == "keep"
     assert outcome.update_flags[0].figure == pytest.approx(distance(update(SCALED)), rel=1e-5)
     assert outcome.update_flags[0].z > 3.5 and len(states) == len(NODES) and outcome.rejected == []
+    # every teacher's facts carry its figure and z-score (teacher_info in metrics.jsonl)
+    by_node = {i["node_id"]: i for i in outcome.teacher_info}
+    assert by_node[SCALED]["update_z"] == pytest.approx(outcome.update_flags[0].z, abs=1e-3)
+    assert all("update_figure" in i and i["update_z"] <= 3.5 for n, i in by_node.items() if n != SCALED)
     assert any(f"node {SCALED}'s update is out of line: distance" in r.message and "kept" in r.message for r in caplog.records)
 
 
@@ -115,17 +119,20 @@ def test_no_flag_without_an_outlier_or_with_too_few_replies() -> None:
     replies = [reply(n) for n in NODES if n != SCALED]
     _, outcome = one_round(UpdateCheckSettings(action="reject"), replies)
     assert outcome.update_flags == [] and outcome.rejected == []
-    kept, rejected, flags = check_updates([reply(1), reply(SCALED)], ArrayRecord(global_state()),
-                                          UpdateCheckSettings(action="reject"), 1)
-    assert len(kept) == 2 and rejected == [] and flags == []
+    checked = check_updates([reply(1), reply(SCALED)], ArrayRecord(global_state()), UpdateCheckSettings(action="reject"), 1)
+    assert len(checked.replies) == 2 and checked.rejected == [] and checked.flags == [] and checked.figures == {}
 
 
 def test_the_norm_metric_flags_by_the_arrays_own_norm() -> None:
     replies = [reply(n) for n in NODES]
-    kept, _, flags = check_updates(replies, None, UpdateCheckSettings(action="keep", metric="norm"), 1)
+    checked = check_updates(replies, None, UpdateCheckSettings(action="keep", metric="norm"), 1)
+    kept, flags = checked.replies, checked.flags
     assert len(kept) == len(NODES) and [f.node_id for f in flags] == [SCALED]
     norm = float(sum((v.double() ** 2).sum() for v in update(SCALED).values() if v.is_floating_point()) ** 0.5)
     assert flags[0].figure == pytest.approx(norm, rel=1e-5)
+    # every reply's figure and z-score is reported, flagged or not; only the scaled one is over the line
+    assert set(checked.figures) == set(NODES) and checked.figures[SCALED] == pytest.approx((flags[0].figure, flags[0].z), rel=1e-5)
+    assert all(z <= 3.5 for node, (_, z) in checked.figures.items() if node != SCALED)
 
 
 def test_a_reply_over_the_size_cap_is_rejected_unread() -> None:
