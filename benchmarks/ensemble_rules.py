@@ -5,6 +5,7 @@ rule should be the default?
     .venv/bin/python benchmarks/ensemble_rules.py --seeds 0            # students: every scenario x rule
     .venv/bin/python benchmarks/ensemble_rules.py --scenarios clean 2of6_x5 --rules mean_logits median_probs
     .venv/bin/python benchmarks/ensemble_rules.py --scenarios 2of6_x5 --rules mean_probs --variants clip krum_selected
+    .venv/bin/python benchmarks/ensemble_rules.py --plot               # the trade-off figure, finished runs only
     .venv/bin/python benchmarks/ensemble_rules.py --report             # the tables from finished runs only
 
 ``--stage ensembles``: one run per scenario and seed trains the clients' teachers and scores
@@ -55,6 +56,10 @@ of line with the round's others; Krum / MultiKrum (f = 2) with only the replies 
 as teachers (``strategy.teachers=selected``)."""
 RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_probs", "trimmed_probs")
 DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "ensemble_rules"
+FIGURE = ROOT / "docs" / "figures" / "ensemble_rules.png"
+CANDIDATES = (("plain", "mean_logits"), ("plain", "mean_probs"), ("plain", "median_probs"),
+              ("clip", "mean_probs"), ("multikrum_selected", "mean_probs"))
+"""The students drawn by ``--plot``: (variant, rule), each without an attacker and with 2 of 6 at x5."""
 
 
 def cell_overrides(scenario: str, rule: str, extra: list[str], variant: str = "plain") -> list[str]:
@@ -109,6 +114,67 @@ def tables(results: dict[tuple[str, str], list[dict]], scenarios: list[str], rul
     return "\n".join(lines) + "\n"
 
 
+def _finished(out: Path, archive: Path, label: str, overrides: list[str], seeds: list[int]) -> list[dict]:
+    runs = []
+    for seed in seeds:
+        try:
+            runs.append(run_one(out, label, overrides, seed, report_only=True, archive=archive))
+        except RunFailed:
+            pass
+    return runs
+
+
+def plot_tradeoff(out: Path, seeds: list[int], path: Path = FIGURE, archive: Path = DEFAULT_ARCHIVE) -> dict[str, int]:
+    """The trade-off figure from finished runs: left, every rule's teacher ensemble (ensembles
+    stage), clean Acc against the ASR with 2 of 6 scaled x5, one dot per seed and the mean;
+    right, the candidates' students with 2 of 6 at x5, Acc against ASR per seed (legend: the
+    clean student's mean Acc), so a seed that collapses shows as a point on its own. Returns
+    the number of points drawn per panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_s) = plt.subplots(1, 2, figsize=(11, 4.5))
+    drawn = {"ensembles": 0, "students": 0}
+    for rule in RULES:
+        clean, x5 = ({r["_seed"]: r for r in _tagged(_finished(out / "ensembles", archive / "ensembles", f"{sc}-ensembles",
+                                                                ensemble_overrides(sc, []), seeds))} for sc in ("clean", "2of6_x5"))
+        both = sorted(set(clean) & set(x5))
+        if not both:
+            continue
+        xs = [100 * clean[s]["ensembles"][rule]["acc"] for s in both]
+        ys = [100 * x5[s]["ensembles"][rule]["asr"] for s in both]
+        (line,) = ax_e.plot(xs, ys, "o", alpha=0.4)
+        drawn["ensembles"] += len(xs)
+        ax_e.plot([sum(xs) / len(xs)], [sum(ys) / len(ys)], "*", ms=14, color=line.get_color(), label=f"{rule} (n={len(both)})")
+    ax_e.set(xlabel="clean ensemble Acc % (no attacker)", ylabel="ensemble ASR % (2 of 6 at x5)", title="teacher ensemble, every rule")
+    for (variant, rule), marker, size in zip(CANDIDATES, "osD^v", (14, 11, 9, 7, 5)):  # open, shrinking: equal runs stay visible
+        attacked = _finished(out, archive, f"{row_name('2of6_x5', variant)}-{rule}", cell_overrides("2of6_x5", rule, [], variant), seeds)
+        if not attacked:
+            continue
+        clean = _finished(out, archive, f"{row_name('clean', variant)}-{rule}", cell_overrides("clean", rule, [], variant), seeds)
+        drawn["students"] += len(attacked)
+        note = f"clean {sum(100 * r['dfkd_student']['acc'] for r in clean) / len(clean):.1f}, n={len(clean)}" if clean else "clean not run"
+        ax_s.plot([100 * r["dfkd_student"]["acc"] for r in attacked], [100 * r["dfkd_student"]["asr"] for r in attacked], marker, ms=size, mfc="none", mew=1.5,
+                  label=f"{rule}{'' if variant == 'plain' else ' + ' + variant} ({note})")
+    ax_s.set(xlabel="student Acc % (2 of 6 at x5)", ylabel="student ASR %", title="distilled student, one point per seed")
+    for ax in (ax_e, ax_s):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
+def _tagged(runs: list[dict]) -> list[dict]:
+    for r in runs:  # the seed, from the run's directory name (``...-seed<k>``)
+        r["_seed"] = int(Path(r["_dir"]).name.rsplit("seed", 1)[1])
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
@@ -119,10 +185,15 @@ def main() -> None:
     parser.add_argument("--stage", choices=("students", "ensembles"), default="students",
                         help="students: one run per scenario x rule; ensembles: one run per scenario, every rule scored")
     parser.add_argument("--report", action="store_true", help="the tables from finished runs; start none")
+    parser.add_argument("--plot", action="store_true", help=f"draw the trade-off figure from finished runs ({FIGURE.relative_to(ROOT)}); start none")
     parser.add_argument("--dry-run", action="store_true", help="print the abd-fl commands and exit")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = parser.parse_args()
     out = ROOT / "outputs" / "sweeps" / "ensemble_rules"
+    if args.plot:
+        plot_tradeoff(out, args.seeds)
+        print(f"wrote {FIGURE}")
+        return
     archive = None if args.overrides else DEFAULT_ARCHIVE
     if args.stage == "ensembles":
         out, archive = out / "ensembles", (archive / "ensembles" if archive is not None else None)

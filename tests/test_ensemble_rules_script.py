@@ -4,6 +4,8 @@ what the cell's name says."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from abd_fl.config import validate_config
@@ -40,3 +42,31 @@ def test_every_scenario_is_a_valid_config(rules, scenario: str) -> None:
 def test_row_names_keep_the_plain_runs_names(rules) -> None:
     assert rules.row_name("2of6_x5", "plain") == "2of6_x5"
     assert rules.row_name("2of6_x5", "clip") == "2of6_x5+clip"
+
+
+def _finished_run(rules, out, label: str, overrides: list[str], seed: int, summary: dict) -> None:
+    run_dir = out / f"{label}-seed{seed}"
+    (run_dir / "latest").mkdir(parents=True)
+    (run_dir / "latest" / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "latest" / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+    args = rules.run_command(out, label, overrides, seed)[3:]
+    (run_dir / "sweep_run.json").write_text(json.dumps({"args": args, "wall_s": 1.0}))
+
+
+def test_the_tradeoff_figure_draws_every_finished_run_and_skips_the_rest(rules, tmp_path) -> None:
+    """--plot reads finished runs only (here from the archive): every rule's ensemble on the
+    seeds that have both a clean and an x5 run, and the candidates' students that ran."""
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    metric = {"acc": 0.9, "asr": 0.1, "asr_floor": 0.1}
+    for seed in (0, 1):
+        for sc in ("clean", "2of6_x5"):
+            _finished_run(rules, archive / "ensembles", f"{sc}-ensembles", rules.ensemble_overrides(sc, []), seed,
+                          {"ensembles": {rule: metric for rule in rules.RULES}})
+    _finished_run(rules, archive / "ensembles", "clean-ensembles", rules.ensemble_overrides("clean", []), 2,
+                  {"ensembles": {rule: metric for rule in rules.RULES}})  # seed 2 has no x5 run: not drawn
+    for seed in (0, 1, 2):
+        _finished_run(rules, archive, "2of6_x5+multikrum_selected-mean_probs",
+                      rules.cell_overrides("2of6_x5", "mean_probs", [], "multikrum_selected"), seed, {"dfkd_student": metric})
+    path = tmp_path / "fig.png"
+    drawn = rules.plot_tradeoff(out, [0, 1, 2], path, archive)
+    assert drawn == {"ensembles": 2 * len(rules.RULES), "students": 3} and path.stat().st_size > 0
