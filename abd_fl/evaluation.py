@@ -68,10 +68,11 @@ def evaluate_round(
 
         per_teacher = [scored(clean[i], None if triggered is None else triggered[i]) for i in range(len(teachers))]
         rules = ENSEMBLE_RULES if every_rule else (ensemble_rule,)
+        weights = ensemble.weights.cpu()  # the logits were brought to the CPU
         by_rule = {}
         for rule in rules:
-            combined = combine_logits(clean, ensemble.weights, rule, ensemble_trim)
-            combined_triggered = None if triggered is None else combine_logits(triggered, ensemble.weights, rule, ensemble_trim)
+            combined = combine_logits(clean, weights, rule, ensemble_trim)
+            combined_triggered = None if triggered is None else combine_logits(triggered, weights, rule, ensemble_trim)
             by_rule[rule] = scored(combined, combined_triggered)
     else:
         per_teacher, by_rule = [], {}

@@ -201,7 +201,7 @@ class DataFreeKD(Strategy):
         # The teachers are read before the base aggregates: FedMedian, FedTrimmedAvg and
         # Bulyan empty the replies' ArrayRecords while they aggregate.
         teachers, info = self._read_teachers(server_round, valid)
-        for facts in info:  # the update check's figure of every teacher, flagged or not
+        for facts in info:  # the update check's figure of every teacher, flagged or not (before any clip; z null: MAD 0)
             if (figure := checked.figures.get(facts["node_id"])) is not None:
                 facts["update_figure"], facts["update_z"] = round(figure[0], 6), round(figure[1], 3)
         excluded: list[dict[str, Any]] = []

@@ -3,6 +3,8 @@ teachers whose logits are known, and through the real distillation loop and conf
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -161,10 +163,12 @@ def test_the_round_report_scores_every_rule_on_the_same_teachers() -> None:
     assert compose_config(["distill.ensemble_report=true"])["distill"]["ensemble_report"] is True
 
 
-def test_the_round_report_equals_scoring_each_model_and_runs_each_teacher_once() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
+def test_the_round_report_equals_scoring_each_model_and_runs_each_teacher_once(device: str) -> None:
     """evaluate_round scores the teachers and every rule's ensemble from one pass of each teacher
     per test set; the figures equal backdoor_metrics of each teacher and of each rule's
-    TeacherEnsemble (more images than one evaluation batch, untrained cnn teachers)."""
+    TeacherEnsemble (more images than one evaluation batch; 6 untrained cnn teachers, one with
+    its logits x20 so that the rules disagree; trim 0.34 drops 2 of 6 at each end)."""
     from abd_fl.data.base import ImageData
     from abd_fl.distill import TeacherEnsemble
     from abd_fl.evaluation import evaluate_round
@@ -172,17 +176,41 @@ def test_the_round_report_equals_scoring_each_model_and_runs_each_teacher_once()
     from abd_fl.models import build_model
 
     torch.manual_seed(0)
-    teachers = [build_model("cnn", 10, 1, [0.5], [0.5]) for _ in range(4)]
+    teachers = [build_model("cnn", 10, 1, [0.5], [0.5]) for _ in range(6)]
+    with torch.no_grad():  # teachers that disagree, and a loud one: its logits x20
+        for i, t in enumerate(teachers):
+            t.classifier.weight.mul_(50.0)
+            t.classifier.bias.copy_(torch.randn(10))
+        teachers[5].classifier.weight.mul_(20.0)
+        teachers[5].classifier.bias.mul_(20.0)
     calls = [0]
     for t in teachers:
         t.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     clean = ImageData(torch.rand(1100, 1, 8, 8), torch.randint(0, 10, (1100,)))
     poisoned = ImageData(torch.rand(300, 1, 8, 8), torch.randint(0, 10, (300,)))
-    out = evaluate_round(teachers, [False, False, True, None], None, {}, clean, poisoned, 3, every_rule=True)
-    assert calls[0] == 4 * 3  # two batches of the clean set and one of the triggered set, per teacher
+    out = evaluate_round(teachers, [False] * 4 + [True, None], None, {}, clean, poisoned, 3,
+                         device=device, ensemble_trim=0.34, every_rule=True)
+    assert calls[0] == 6 * 3  # two batches of the clean set and one of the triggered set, per teacher
     for teacher, got in zip(teachers, out["teachers"]):
-        assert got == pytest.approx(backdoor_metrics(teacher, clean, poisoned, 3), nan_ok=True)
+        assert got == pytest.approx(backdoor_metrics(teacher, clean, poisoned, 3, device), nan_ok=True)
     for rule in ENSEMBLE_RULES:
-        want = backdoor_metrics(TeacherEnsemble(teachers, rule=rule), clean, poisoned, 3)
+        want = backdoor_metrics(TeacherEnsemble(teachers, rule=rule, trim=0.34), clean, poisoned, 3, device)
         assert out["ensembles"][rule] == pytest.approx(want), rule
-    assert out["malicious_teacher"] == pytest.approx(out["teachers"][2])
+    assert len({tuple(v.values()) for v in out["ensembles"].values()}) >= 3  # the rules disagree here
+    assert out["malicious_teacher"] == pytest.approx(out["teachers"][4])
+    assert out["ensemble"] == out["ensembles"]["mean_probs"]
+
+
+def test_the_round_report_without_triggered_images_or_with_one_teacher() -> None:
+    from abd_fl.data.base import ImageData
+    from abd_fl.evaluation import evaluate_round
+    from abd_fl.models import build_model
+
+    torch.manual_seed(1)
+    teacher = build_model("cnn", 10, 1, [0.5], [0.5])
+    clean = ImageData(torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,)))
+    empty = ImageData(torch.rand(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+    out = evaluate_round([teacher], [True], None, {}, clean, empty, 3, every_rule=True)
+    assert math.isnan(out["teachers"][0]["asr"]) and math.isnan(out["ensemble"]["asr"])
+    for rule in ENSEMBLE_RULES:  # one teacher: every rule gives its own predictions
+        assert out["ensembles"][rule]["acc"] == out["teachers"][0]["acc"], rule

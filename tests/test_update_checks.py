@@ -4,6 +4,8 @@ reply. Real Messages through ``DataFreeKD.aggregate_train``."""
 
 from __future__ import annotations
 
+import math
+
 import logging
 
 import numpy as np
@@ -155,3 +157,17 @@ def test_a_reply_over_the_size_cap_is_rejected_unread() -> None:
 def test_bad_update_check_settings_are_one_line_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.") + "$"):
         validate_config(compose_config([override]))
+
+
+def test_replies_of_equal_size_flag_nothing_and_report_a_null_z() -> None:
+    """A MAD of zero (every update the same size, here none at all) flags nothing; the figures
+    are still reported, with z NaN (written as null in metrics.jsonl)."""
+    def same(node: int) -> Message:
+        instruction = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=MessageType.TRAIN)
+        return Message(RecordDict({"arrays": ArrayRecord(global_state()), "metrics": MetricRecord({"num-examples": 10})}),
+                       reply_to=instruction)
+
+    checked = check_updates([same(n) for n in NODES], ArrayRecord(global_state()), UpdateCheckSettings(action="reject"), 1)
+    assert len(checked.replies) == len(NODES) and checked.flags == [] and checked.rejected == []
+    assert set(checked.figures) == set(NODES)
+    assert all(fig == 0.0 and math.isnan(z) for fig, z in checked.figures.values())

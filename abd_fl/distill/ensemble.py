@@ -184,7 +184,7 @@ def combine_logits(logits: torch.Tensor, weights: torch.Tensor, rule: str = DEFA
     if rule == "mean_probs":
         combined = (w * probs).sum(dim=0)
     else:
-        active = probs[weights > 0]  # every teacher of positive weight, once
+        active = probs[(weights > 0).to(probs.device)]  # every teacher of positive weight, once
         if rule == "median_probs":
             combined = active.median(dim=0).values if len(active) % 2 else active.quantile(0.5, dim=0)
         elif rule == "trimmed_probs":
