@@ -24,6 +24,14 @@ Parts (each prints a Markdown table):
   process); the slope (seconds per extra teacher per iteration) of each. And the vaccine
   search's seconds per teacher (:func:`abd_fl.defense.vaccine.search_vaccine` with the
   default ABD settings on ``surrogate_batches`` generator-sized batches).
+* ``floor``: why vectorising cannot cut the slope 3x on a CPU: the floating-point work one
+  extra teacher adds to a distillation iteration (``torch.utils.flop_counter`` over whole
+  :func:`abd_fl.distill.distill` calls with 2 and 4 teachers), and the rate this CPU does
+  that teacher's passes at (forward with input gradient, backward, no-grad forward) with
+  the distillation batch and with 8x and 32x that batch, as one stacked ensemble would see
+  it. The work divided by the best rate is the slope of an ideal vectorised forward; the
+  loop's slope (part ``scale``, when run in the same call) over it bounds what any
+  vectorising can gain here.
 * ``round``: where a default FL round's time goes, read from a finished run's
   ``metrics.jsonl`` (``--run-dir``; default: the newest run under ``outputs/`` that records
   ``replies_wait_s``): the server's distillation, evaluation and aggregation, the clients'
@@ -54,7 +62,7 @@ from abd_fl.experiment import build_bundle, build_named_model, distill_config  #
 from abd_fl.models.generators import ConvGenerator  # noqa: E402
 from abd_fl.paths import compose_config  # noqa: E402
 
-PARTS = ("loop", "abd", "profile", "scale", "round")
+PARTS = ("loop", "abd", "profile", "scale", "floor", "round")
 
 
 # ---- (a) our loop vs a bare loop -----------------------------------------------------------
@@ -237,6 +245,9 @@ def _slope(xs: list[int], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+LAST_LOOP_SLOPE: list[float] = []  # the loop's slope from part scale, for part floor
+
+
 def scaling(counts: list[int], iterations: int, threads: int) -> list[str]:
     points: dict[tuple[int, str], dict] = {}
     for n in counts:
@@ -257,10 +268,75 @@ def scaling(counts: list[int], iterations: int, threads: int) -> list[str]:
     if len(counts) > 1:
         s_off = _slope(counts, [points[(n, "off")]["s_per_it"] for n in counts])
         s_on = _slope(counts, [points[(n, "on")]["s_per_it"] for n in counts])
+        LAST_LOOP_SLOPE.append(s_off)
         out.append(f"\nslope, seconds per extra teacher per iteration: loop {s_off:.4f}, vmap {s_on:.4f} "
                    f"(ratio loop / vmap {s_off / s_on:.2f}; target >= 3)")
     per = vaccine_search_seconds(min(6, max(counts)))
     out.append(f"vaccine search (default ABD settings, search on): {per:.2f} s per teacher")
+    return out
+
+
+# ---- (c') the compute floor of one extra teacher -------------------------------------------
+def teacher_flops_per_iteration(teacher_counts: tuple[int, int] = (2, 4), iterations: int = 2) -> float:
+    """Floating-point operations one extra client teacher adds to a ZSKT iteration
+    (default settings, no defense): the difference of whole-distillation counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = compose_config([f"distill.iterations={iterations}", "defense=none"])
+    bundle = build_bundle(cfg)
+    totals = []
+    for n in teacher_counts:
+        models = [build_named_model(cfg, bundle, "client", seed=100 + i).eval() for i in range(n)]
+        with FlopCounterMode(display=False) as counter:
+            distill(models, build_named_model(cfg, bundle, "student"), distill_settings(cfg["distill"]).build_synthesizer(),
+                    config=distill_config(cfg), image_shape=bundle.train.shape)
+        totals.append(counter.get_total_flops() / iterations)
+    return (totals[1] - totals[0]) / (teacher_counts[1] - teacher_counts[0])
+
+
+def teacher_pass_rate(batch: int, repeats: int) -> dict[str, float]:
+    """One client teacher's passes of a distillation iteration at ``batch`` images (forward
+    with input gradient and its backward, then a no-grad forward): FLOPs, seconds, rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = compose_config(["defense=none"])
+    bundle = build_bundle(cfg)
+    teacher = build_named_model(cfg, bundle, "client", seed=1).eval().requires_grad_(False)
+    x = torch.rand(batch, *bundle.train.shape, generator=torch.Generator().manual_seed(0))
+
+    def passes() -> None:
+        teacher(x.clone().requires_grad_(True)).sum().backward()
+        with torch.no_grad():
+            teacher(x)
+
+    with FlopCounterMode(display=False) as counter:
+        passes()
+    passes()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        passes()
+    seconds = (time.perf_counter() - t0) / repeats
+    flops = float(counter.get_total_flops())
+    return {"batch": batch, "flops": flops, "seconds": seconds, "gflops": flops / seconds / 1e9}
+
+
+def compute_floor(loop_slope_s: float | None, multiples: tuple[int, ...] = (1, 8, 32)) -> list[str]:
+    per_teacher = teacher_flops_per_iteration()
+    batch = int(compose_config([])["distill"]["batch_size"])
+    rates = [teacher_pass_rate(batch * m, repeats=max(3, 32 // m)) for m in multiples]
+    out = ["\n(c') the compute floor of one extra client teacher (default cnn teacher, ZSKT, no defense)",
+           f"work per extra teacher per iteration: {per_teacher / 1e6:.0f} MFLOP (flop counter, whole distill() calls)",
+           "| images per call | MFLOP | ms | GFLOP/s | ms per distillation batch |", "|---:|---:|---:|---:|---:|"]
+    for r in rates:
+        out.append(f"| {r['batch']} | {r['flops'] / 1e6:.0f} | {1e3 * r['seconds']:.1f} | {r['gflops']:.1f} | "
+                   f"{1e3 * r['seconds'] * batch / r['batch']:.1f} |")
+    best = max(rates, key=lambda r: r["gflops"])
+    floor_s = per_teacher / (best["gflops"] * 1e9)
+    out.append(f"\nfloor of an ideal vectorised ensemble: {1e3 * floor_s:.1f} ms per extra teacher per iteration "
+               f"(the work at the best rate, {best['gflops']:.1f} GFLOP/s at {best['batch']} images)")
+    if loop_slope_s is not None:
+        out.append(f"loop slope (part scale) {1e3 * loop_slope_s:.1f} ms = {loop_slope_s / floor_s:.2f}x that floor: "
+                   "the most any vectorising can gain on this CPU (target: a slope 3x smaller)")
     return out
 
 
@@ -315,6 +391,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--teachers", type=int, nargs="+", default=[6, 24, 100])
+    parser.add_argument("--loop-slope", type=float, default=None,
+                        help="part floor without part scale: the loop's measured slope, seconds per teacher per iteration")
     parser.add_argument("--run-dir", type=Path, default=None, help="the finished FL run of part 'round'")
     parser.add_argument("--_point", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -333,6 +411,8 @@ def main() -> None:
             lines = abd_profile(args.profile_iterations)
         elif part == "scale":
             lines = scaling(sorted(args.teachers), args.scale_iterations, args.threads)
+        elif part == "floor":
+            lines = compute_floor(LAST_LOOP_SLOPE[-1] if LAST_LOOP_SLOPE else args.loop_slope)
         else:
             lines = round_shares(args.run_dir)
         print("\n".join(lines), flush=True)

@@ -1,0 +1,33 @@
+"""benchmarks/perf.py part ``floor`` (issue 16): the work one extra client teacher adds to a
+distillation iteration, counted over whole ``distill()`` calls, is exactly that teacher's
+passes in isolation (forward with input gradient, backward, no-grad forward at the
+distillation batch): the loop adds no per-teacher work of its own, so its slope can only
+shrink with a faster rate for the same arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from abd_fl.paths import compose_config
+from tests.benchmark_modules import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def perf():
+    yield from benchmark_module("perf")
+
+
+def test_extra_teacher_work_equals_its_isolated_passes(perf) -> None:
+    batch = int(compose_config([])["distill"]["batch_size"])
+    per_teacher = perf.teacher_flops_per_iteration(iterations=1)
+    alone = perf.teacher_pass_rate(batch, repeats=1)
+    assert per_teacher > 0
+    assert per_teacher == pytest.approx(alone["flops"], rel=1e-6)
+    assert alone["seconds"] > 0 and alone["gflops"] > 0
+
+
+def test_floor_table_names_the_loop_slope(perf) -> None:
+    lines = perf.compute_floor(0.5, multiples=(1,))
+    text = "\n".join(lines)
+    assert "MFLOP" in text and "floor of an ideal vectorised ensemble" in text
+    assert "loop slope (part scale) 500.0 ms" in text
