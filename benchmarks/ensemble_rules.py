@@ -80,7 +80,16 @@ def ensemble_overrides(scenario: str, extra: list[str]) -> list[str]:
     return [*BASE, *SCENARIOS[scenario], *ENSEMBLE_STAGE, *extra]
 
 
-def _spread(values: list[float]) -> str:
+def _pct(value: float | None) -> float | None:
+    """A rate as a percentage; ``None`` (an ASR with no triggered non-target image) stays ``None``."""
+    return None if value is None else 100 * value
+
+
+def _spread(values: list[float | None]) -> str:
+    """Mean (min-max) of the values that exist; ``n/a`` when none does (a null ASR)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
     mean = sum(values) / len(values)
     return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
 
@@ -93,7 +102,7 @@ def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules:
                   "| scenario | n | " + " | ".join(rules) + " |", "|---|---:|" + "---|" * len(rules)]
         for sc in scenarios:
             runs = [r for r in results.get(sc, []) if "ensembles" in r]
-            cells = [_spread([100 * r["ensembles"][rule][key] for r in runs]) if runs else "not run" for rule in rules]
+            cells = [_spread([_pct(r["ensembles"][rule][key]) for r in runs]) if runs else "not run" for rule in rules]
             lines.append(f"| {sc} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -101,7 +110,7 @@ def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules:
 def _cell(runs: list[dict], role: str) -> str:
     if not runs:
         return "not run"
-    return " / ".join(_spread([100 * r[role][k] for r in runs]) for k in ("acc", "asr", "asr_floor"))
+    return " / ".join(_spread([_pct(r[role][k]) for r in runs]) for k in ("acc", "asr", "asr_floor"))
 
 
 def tables(results: dict[tuple[str, str], list[dict]], scenarios: list[str], rules: list[str]) -> str:
@@ -143,6 +152,9 @@ def plot_tradeoff(out: Path, seeds: list[int], path: Path = FIGURE, archive: Pat
         both = sorted(set(clean) & set(x5))
         if not both:
             continue
+        both = [s for s in both if x5[s]["ensembles"][rule]["asr"] is not None]  # a null ASR has no point
+        if not both:
+            continue
         xs = [100 * clean[s]["ensembles"][rule]["acc"] for s in both]
         ys = [100 * x5[s]["ensembles"][rule]["asr"] for s in both]
         (line,) = ax_e.plot(xs, ys, "o", alpha=0.4)
@@ -151,6 +163,7 @@ def plot_tradeoff(out: Path, seeds: list[int], path: Path = FIGURE, archive: Pat
     ax_e.set(xlabel="clean ensemble Acc % (no attacker)", ylabel="ensemble ASR % (2 of 6 at x5)", title="teacher ensemble, every rule")
     for (variant, rule), marker, size in zip(CANDIDATES, "osD^v", (14, 11, 9, 7, 5)):  # open, shrinking: equal runs stay visible
         attacked = _finished(out, archive, f"{row_name('2of6_x5', variant)}-{rule}", cell_overrides("2of6_x5", rule, [], variant), seeds)
+        attacked = [r for r in attacked if r["dfkd_student"]["asr"] is not None]  # a null ASR has no point
         if not attacked:
             continue
         clean = _finished(out, archive, f"{row_name('clean', variant)}-{rule}", cell_overrides("clean", rule, [], variant), seeds)

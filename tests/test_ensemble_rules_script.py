@@ -70,3 +70,21 @@ def test_the_tradeoff_figure_draws_every_finished_run_and_skips_the_rest(rules, 
     path = tmp_path / "fig.png"
     drawn = rules.plot_tradeoff(out, [0, 1, 2], path, archive)
     assert drawn == {"ensembles": 2 * len(rules.RULES), "students": 3} and path.stat().st_size > 0
+
+
+def test_a_null_asr_is_left_out_of_tables_and_figure(rules, tmp_path) -> None:
+    """An ASR of None (no triggered non-target image) is no number: the tables say n/a when
+    no seed has one and average the seeds that do; the figure draws no point for it."""
+    assert rules._spread([None, None]) == "n/a"
+    assert rules._spread([None, 20.0, 40.0]) == "30.0 (20.0-40.0)"
+    null = {"acc": 0.9, "asr": None, "asr_floor": 0.0}
+    table = rules.tables({("2of6_x5", "mean_probs"): [{"dfkd_student": null, "ensemble": null}]}, ["2of6_x5"], ["mean_probs"])
+    assert "90.0 / n/a / 0.0" in table
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    for sc in ("clean", "2of6_x5"):
+        _finished_run(rules, archive / "ensembles", f"{sc}-ensembles", rules.ensemble_overrides(sc, []), 0,
+                      {"ensembles": {rule: null for rule in rules.RULES}})
+    _finished_run(rules, archive, "2of6_x5-mean_probs", rules.cell_overrides("2of6_x5", "mean_probs", [], "plain"), 0,
+                  {"dfkd_student": null})
+    drawn = rules.plot_tradeoff(out, [0], tmp_path / "fig.png", archive)
+    assert drawn == {"ensembles": 0, "students": 0}
