@@ -174,7 +174,8 @@ def plot_tradeoff(out: Path, seeds: list[int], path: Path = FIGURE, archive: Pat
     ax_s.set(xlabel="student Acc % (2 of 6 at x5)", ylabel="student ASR %", title="distilled student, one point per seed")
     for ax in (ax_e, ax_s):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
