@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/table2.py --dry-run                      # the abd-fl commands, nothing run
     .venv/bin/python benchmarks/table2.py --cells digits mnist5k/lenet   # some cells (the rest read back)
     .venv/bin/python benchmarks/table2.py --defense abd_ti               # another defense arm
+    .venv/bin/python benchmarks/table2.py --attack trojan_wm --cells mnist5k/lenet   # another trigger
     .venv/bin/python benchmarks/table2.py --data-root /data              # + CIFAR-10 and GTSRB (paper presets)
     .venv/bin/python benchmarks/table2.py --report                       # table + figure from finished runs only
     .venv/bin/python benchmarks/table2.py --cells digits/cnn -- distill.iterations=2   # budget overrides
@@ -32,7 +33,10 @@ finished run's summary, metrics and resolved config are copied to the tracked
 overrides, so a smoke run never replaces documented runs); when the whole grid is
 tabulated (no ``--cells``) its ``results.md`` is written there too and the figure to
 ``docs/figures/table2.png``. Another defense writes ``results-<defense>.md`` and
-``table2-<defense>.png``. Cells not selected or not run are read back from finished runs,
+``table2-<defense>.png``; another trigger (``--attack``, default: each cell's own) its own
+run directories and ``results[-<defense>]-<attack>.md`` (the cell's poison rate is kept, so
+the clean-label ``sig`` and ``cl`` poison 10% of the whole set, not half the target class as
+Table 1 does). Cells not selected or not run are read back from finished runs,
 or listed as not run yet, so every table shows the whole grid.
 """
 
@@ -56,6 +60,7 @@ DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "table2"
 DEFAULT_OUT = ROOT / "outputs" / "sweeps" / "table2"
 FIGURES = ROOT / "docs" / "figures"
 DEFENSES = ("abd", "abd_ti", "sv", "sr")  # every defense that distils a defended student arm
+ATTACKS = tuple(sorted(p.stem for p in (ROOT / "configs" / "attack").glob("*.yaml") if p.stem != "none"))
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,10 @@ class Cell:
     def name(self) -> str:
         return f"{self.dataset}/{self.teacher}"
 
-    def label(self, defense: str) -> str:
-        """The run directories' prefix (``<label>-seed<k>``): one per cell and defense."""
-        return f"{self.dataset}-{self.teacher}-{defense}"
+    def label(self, defense: str, attack: str | None = None) -> str:
+        """The run directories' prefix (``<label>-seed<k>``): one per cell, trigger (``None``:
+        the cell's own, left out of the name) and defense."""
+        return f"{self.dataset}-{self.teacher}-{defense}" if attack is None else f"{self.dataset}-{self.teacher}-{attack}-{defense}"
 
 
 EMBEDDED = (
@@ -112,9 +118,10 @@ def select(cells: list[Cell], names: list[str] | None) -> list[Cell]:
     return [c for c in cells if c.name in names or c.dataset in names]
 
 
-def run_overrides(cell: Cell, defense: str, user: list[str]) -> list[str]:
-    """The Hydra overrides of one run of ``cell``: the cell's, the defense, the user's."""
-    return [*cell.overrides, f"defense={defense}", *user]
+def run_overrides(cell: Cell, defense: str, user: list[str], attack: str | None = None) -> list[str]:
+    """The Hydra overrides of one run of ``cell``: the cell's, the trigger (when not the
+    cell's own), the defense, the user's."""
+    return [*cell.overrides, *([f"attack={attack}"] if attack else []), f"defense={defense}", *user]
 
 
 def defense_found(run_dir: Path, arm: str) -> str:
@@ -138,9 +145,10 @@ def defense_found(run_dir: Path, arm: str) -> str:
     return "vaccine" if t.get("found") else "no vaccine"
 
 
-def _suffix(defense: str) -> str:
-    """Result files' suffix: none for the default defense, so another never replaces its table."""
-    return "" if defense == "abd" else f"-{defense}"
+def _suffix(defense: str, attack: str | None = None) -> str:
+    """Result files' suffix: none for the default defense and each cell's own trigger, so
+    another defense or trigger never replaces its table."""
+    return ("" if defense == "abd" else f"-{defense}") + (f"-{attack}" if attack else "")
 
 
 def _defended(defense: str) -> str:
@@ -150,14 +158,16 @@ def _defended(defense: str) -> str:
 
 def write_results(
     paths: list[Path], cells: list[Cell], results: dict[str, list[dict]], seeds: list[int], defense: str, cmd: str,
-    failures: list[str] | None = None, missing: list[str] | None = None,
+    failures: list[str] | None = None, missing: list[str] | None = None, attack: str | None = None,
 ) -> str:
     """The table (one row per cell, every cell of the grid), written to every path in ``paths``."""
     arm = f"{defense}_student"
     lines = [
         f"<!-- produced by: {cmd} -->",
         f"### Table 2: datasets x teacher architectures ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; "
-        "centralized, one poisoned teacher; Acc / ASR in %, mean (min-max); floor: mean share of clean "
+        "centralized, one poisoned teacher; "
+        + (f"trigger `{attack}`; " if attack else "")
+        + "Acc / ASR in %, mean (min-max); floor: mean share of clean "
         "non-target images predicted as the target)",
         "",
         f"| dataset | teacher -> student | teacher Acc / ASR | ZSKT | {_defended(defense)} | clean KD "
@@ -253,6 +263,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--defense", choices=DEFENSES, default="abd", help="the defended arm (default abd)")
+    parser.add_argument("--attack", choices=ATTACKS, default=None,
+                        help="the trigger of every cell (default: each cell's own: BadNets square on the embedded "
+                             "datasets, grid in the paper presets)")
     parser.add_argument("--data-root", default=None,
                         help="folder holding CIFAR-10 and GTSRB (torchvision layout): adds their cells")
     parser.add_argument("--cells", nargs="+", default=None,
@@ -285,8 +298,9 @@ def main(argv: list[str] | None = None) -> str:
         lines = []
         for c in chosen:
             for seed in args.seeds:
-                cmd = run_command(out, c.label(args.defense), run_overrides(c, args.defense, args.overrides), seed)
-                run_dir = out / f"{c.label(args.defense)}-seed{seed}"
+                label = c.label(args.defense, args.attack)
+                cmd = run_command(out, label, run_overrides(c, args.defense, args.overrides, args.attack), seed)
+                run_dir = out / f"{label}-seed{seed}"
                 done = [d for d in [run_dir] + ([archive / run_dir.name] if archive else []) if _finished_with(d, cmd[3:])]
                 note = f"  # finished in {done[0]}: read back" if done and not args.no_resume else ""
                 lines.append(shlex.join(cmd) + note)
@@ -295,7 +309,7 @@ def main(argv: list[str] | None = None) -> str:
         return text
 
     out.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(args.defense)
+    suffix = _suffix(args.defense, args.attack)
     whole = args.cells is None
     md_paths = [out / f"results{suffix}.md"] + ([archive / f"results{suffix}.md"] if archive and whole else [])
     fig_paths = [out / f"table2{suffix}.png"]
@@ -309,8 +323,8 @@ def main(argv: list[str] | None = None) -> str:
     failures: list[str] = []
     missing: list[str] = []
     for c in cells:
-        overrides = run_overrides(c, args.defense, args.overrides)
-        label = c.label(args.defense)
+        overrides = run_overrides(c, args.defense, args.overrides, args.attack)
+        label = c.label(args.defense, args.attack)
         start = c in chosen and not args.report
         for seed in args.seeds:
             try:
@@ -322,12 +336,12 @@ def main(argv: list[str] | None = None) -> str:
                     failures.append(f"{label} seed {seed}: {str(err).splitlines()[-1] if str(err) else 'failed'}")
                 else:
                     missing.append(f"{label} seed {seed}")
-                write_results(md_paths, cells, results, args.seeds, args.defense, cmd, failures, missing)
+                write_results(md_paths, cells, results, args.seeds, args.defense, cmd, failures, missing, args.attack)
                 continue
             summary["_found"] = defense_found(Path(summary["_dir"]), f"{args.defense}_student")
             results[c.name].append(summary)
-            write_results(md_paths, cells, results, args.seeds, args.defense, cmd, failures, missing)
-    text = write_results(md_paths, cells, results, args.seeds, args.defense, cmd, failures, missing)
+            write_results(md_paths, cells, results, args.seeds, args.defense, cmd, failures, missing, args.attack)
+    text = write_results(md_paths, cells, results, args.seeds, args.defense, cmd, failures, missing, args.attack)
     save_plot(fig_paths, cells, results, args.defense)
     print(text)
     print(f"total wall time: {time.perf_counter() - t0:.0f} s")

@@ -99,6 +99,22 @@ def test_dry_run_prints_one_command_per_cell_and_seed(table2, tmp_path: Path, ca
         table2.main(["--dry-run", "--cells", "cifar10"])  # no --data-root: no such cell
 
 
+def test_another_trigger_gets_its_own_runs_and_keeps_the_cells_poison_rate(table2, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    text = table2.main(["--dry-run", "--seeds", "2", "--attack", "trojan_wm", "--cells", "mnist5k/lenet", "--out", str(out)])
+    (cmd,) = [shlex.split(line) for line in text.splitlines()]
+    assert Path(cmd[4].removeprefix("output_dir=")).name == "mnist5k-lenet-trojan_wm-abd-seed2"
+    assert cmd[6:] == ["experiment=mnist_central", "model=mnist_lenet", "attack=trojan_wm", "defense=abd"]
+    cell = {c.name: c for c in table2.grid()}["mnist5k/lenet"]
+    own, other = (compose_config(table2.run_overrides(cell, "abd", [], a)) for a in (None, "l0_inv"))
+    assert own["attack"]["trigger"] == "badnets_square" and other["attack"]["trigger"] == "l0_inv"
+    assert other["attack"]["poison_rate"] == own["attack"]["poison_rate"] == 0.1
+    assert table2._suffix("abd", "l0_inv") == "-l0_inv" and table2._suffix("sv", "l0_inv") == "-sv-l0_inv"
+    assert "none" not in table2.ATTACKS and "badnets_grid" in table2.ATTACKS
+    with pytest.raises(SystemExit):
+        table2.parse_args(["--attack", "nope"])
+
+
 def _arm(acc: float, asr: float, floor: float = 0.01) -> dict:
     return {"acc": acc, "asr": asr, "asr_floor": floor}
 
