@@ -262,3 +262,19 @@ def test_the_sr_stage_anneals_a_fresh_lr_to_zero() -> None:
                      config=DistillConfig(iterations=4, student_steps=2, batch_size=8, log_every=1), image_shape=(1, 8, 8))
     lrs = [h["student_lr"] for h in result.history[2:]]  # logged after each iteration's steps: 2 and 4 of 4 SR steps
     assert lrs == pytest.approx([1e-3 * (1 + math.cos(math.pi * 2 / 4)) / 2, 0.0], abs=1e-12)
+
+
+def test_flag_rates_per_teacher_read_the_ensembles_union_apart() -> None:
+    """With several vaccinated teachers a sample is flagged when any one's shuffled copy
+    disagrees: the report gives each teacher's own rate beside the union, which is at least
+    the largest of them and at most their sum."""
+    defense = ABDDefense(ABDConfig(num_layers=1, sr="off"))
+    teachers = [_student(1), _student(2), _student(3)]
+    result = distill(teachers, _student(), ZSKTSynthesizer(batch_size=16, z_dim=8, ngf=8), defense=defense,
+                     config=DistillConfig(iterations=6, student_steps=1, batch_size=16), image_shape=(1, 8, 8))
+    report = result.defense_report
+    per_teacher = report["flag_rate_per_teacher"]
+    assert len(per_teacher) == 3 and all(r is not None and 0.0 <= r <= 1.0 for r in per_teacher)
+    union = report["flagged_share"]
+    assert max(per_teacher) - 1e-9 <= union <= min(1.0, sum(per_teacher)) + 1e-9
+    assert ABDDefense(ABDConfig(num_layers=1, use_sv=False, sr="off")).report()["flag_rate_per_teacher"] is None

@@ -36,7 +36,10 @@ The defaults follow the reference's runs (illidanlab/ABD; DESIGN.md Sec. 4; the 
   ``D_s`` are reported (data-free; the server scores them against the ground truth with
   ROC AUC). ``downweight_suspicious`` multiplies the ensemble weight of vaccinated teachers.
 - **Flag rate**: the share of generator samples that the vaccine flags, per iteration, and
-  per teacher-predicted class over the run, in the report (``metrics.jsonl``).
+  per teacher-predicted class over the run, in the report (``metrics.jsonl``). A sample is
+  flagged when any vaccinated teacher's shuffled copy disagrees with it (each teacher's SV
+  term uses its own mask); ``flag_rate_per_teacher`` gives each teacher's own rate, so an
+  ensemble's union can be read apart (a teacher without an active vaccine: ``None``).
 
 Our additions (off by default; on in ``defense=abd_ti``, README "Design"):
 
@@ -275,6 +278,7 @@ class ABDDefense(NullDefense):
         self._sr_logs: list[dict[str, float]] = []
         self._flag_rate: list[float] = []
         self._flag_iter: list[list[float]] = []
+        self._teacher_flags: dict[int, list[float]] = {}  # teacher index -> [flagged samples, samples]
         self._class_flagged: torch.Tensor | None = None
         self._class_seen: torch.Tensor | None = None
         self._weights_mode = self.cfg.weights
@@ -492,10 +496,23 @@ class ABDDefense(NullDefense):
                  "used unverified" if self.cfg.search == "off" and self.cfg.use_sv else "found",
                  sum(v is not None and v.found for v in self._vaccines), len(self._vaccines), "on" if sr_on else "off")
 
+    def _teacher_flag_rates(self) -> list[float | None] | None:
+        """Each teacher's own flag rate over the run (``None`` where its vaccine never acted);
+        ``None`` when SV never acted."""
+        if self.ctx is None or not self._teacher_flags:
+            return None
+        counts = [self._teacher_flags.get(i) for i in range(len(self.ctx.teachers))]
+        return [float(c[0] / c[1]) if c and c[1] > 0 else None for c in counts]
+
     def _active(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(t, s) for _, t, s in self._active_indexed()]
+
+    def _active_indexed(self) -> list[tuple[int, nn.Module, nn.Module]]:
+        """The vaccinated teachers with their index among the context's teachers, and their shuffled copies."""
         if not self._searched or self.ctx is None:
             return []
-        return [(t, v.shuffled) for t, v in zip(self.ctx.teachers, self._vaccines) if v is not None and v.found and v.shuffled is not None]
+        return [(i, t, v.shuffled) for i, (t, v) in enumerate(zip(self.ctx.teachers, self._vaccines))
+                if v is not None and v.found and v.shuffled is not None]
 
     # ---- the hooks -------------------------------------------------------------------
     def _balance_term(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -515,18 +532,22 @@ class ABDDefense(NullDefense):
         return sv + balance
 
     def _sv_term(self, x: torch.Tensor) -> torch.Tensor | None:
-        active = self._active()
+        active = self._active_indexed()
         if not active:
             return None
         terms = []
         labels = None
         flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for t, s in active:
+        for i, t, s in active:
             t_logits, s_logits = t(x), s(x)
             terms.append(vaccine_regularizer(
                 t_logits, s_logits, self.cfg.generator_coef, self.cfg.generator_kl, self.cfg.mask, self.cfg.generator_norm
             ))
-            flagged |= vaccine_mask(t_logits.detach(), s_logits.detach())
+            mine = vaccine_mask(t_logits.detach(), s_logits.detach())
+            counts = self._teacher_flags.setdefault(i, [0.0, 0.0])
+            counts[0] += float(mine.sum())
+            counts[1] += float(mine.numel())
+            flagged |= mine
             labels = t_logits.detach().argmax(1) if labels is None else labels  # the first active teacher's classes
         self._record_flags(flagged, labels)
         return torch.stack(terms).mean()
@@ -618,6 +639,7 @@ class ABDDefense(NullDefense):
             "flagged_share": float(sum(self._flag_rate) / len(self._flag_rate)) if self._flag_rate else None,
             "flag_rate_per_iteration": self._flag_iter,
             "flag_rate_per_class": per_class,
+            "flag_rate_per_teacher": self._teacher_flag_rates(),
             "inversion": {
                 "scans": self._scans, "suspects": [t.target for t in self._triggers],
                 "purify_pixels": None if self._purify_mask is None else int(self._purify_mask.sum()),
