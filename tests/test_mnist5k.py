@@ -272,7 +272,7 @@ def test_presets_compose() -> None:
     assert (fl["model"]["client"], fl["model"]["student"]) == ("lenet", "lenet_small")
     sim = fl["simulation"]
     assert (sim["num_clients"], sim["partition"], sim["alpha"], sim["rounds"]) == (6, "dirichlet", 0.5, 1)
-    assert fl["attack"]["num_malicious"] == 2 and fl["attack"]["poison_rate"] == 0.5
+    assert fl["attack"]["num_malicious"] == 3 and fl["attack"]["poison_rate"] == 0.5
     assert fl["distill"]["iterations"] == 150 and fl["strategy"]["mode"] == "one_shot"
 
     wrn = compose_config(["experiment=mnist_central", "model=mnist_wrn", "dataset.image_size=32"])
