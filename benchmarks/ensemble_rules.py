@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep import ROOT, RunFailed, run_command, run_one, write_results_md  # noqa: E402
+from sweep import ROOT, RunFailed, fmt, run_command, run_one, write_results_md  # noqa: E402
 
 BASE = ["defense=none", "clean_kd_reference.enabled=false"]
 SCENARIOS: dict[str, list[str]] = {
@@ -80,20 +80,6 @@ def ensemble_overrides(scenario: str, extra: list[str]) -> list[str]:
     return [*BASE, *SCENARIOS[scenario], *ENSEMBLE_STAGE, *extra]
 
 
-def _pct(value: float | None) -> float | None:
-    """A rate as a percentage; ``None`` (an ASR with no triggered non-target image) stays ``None``."""
-    return None if value is None else 100 * value
-
-
-def _spread(values: list[float | None]) -> str:
-    """Mean (min-max) of the values that exist; ``n/a`` when none does (a null ASR)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "n/a"
-    mean = sum(values) / len(values)
-    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ({min(values):.1f}-{max(values):.1f})"
-
-
 def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules: list[str]) -> str:
     """Per scenario and rule, the ensemble's Acc, ASR and floor: mean (min-max) over seeds."""
     lines = []
@@ -102,7 +88,7 @@ def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules:
                   "| scenario | n | " + " | ".join(rules) + " |", "|---|---:|" + "---|" * len(rules)]
         for sc in scenarios:
             runs = [r for r in results.get(sc, []) if "ensembles" in r]
-            cells = [_spread([_pct(r["ensembles"][rule][key]) for r in runs]) if runs else "not run" for rule in rules]
+            cells = [fmt([r["ensembles"][rule][key] for r in runs]) if runs else "not run" for rule in rules]
             lines.append(f"| {sc} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -110,7 +96,7 @@ def ensemble_tables(results: dict[str, list[dict]], scenarios: list[str], rules:
 def _cell(runs: list[dict], role: str) -> str:
     if not runs:
         return "not run"
-    return " / ".join(_spread([_pct(r[role][k]) for r in runs]) for k in ("acc", "asr", "asr_floor"))
+    return " / ".join(fmt([r[role][k] for r in runs]) for k in ("acc", "asr", "asr_floor"))
 
 
 def tables(results: dict[tuple[str, str], list[dict]], scenarios: list[str], rules: list[str]) -> str:
@@ -149,10 +135,7 @@ def plot_tradeoff(out: Path, seeds: list[int], path: Path = FIGURE, archive: Pat
     for rule in RULES:
         clean, x5 = ({r["_seed"]: r for r in _tagged(_finished(out / "ensembles", archive / "ensembles", f"{sc}-ensembles",
                                                                 ensemble_overrides(sc, []), seeds))} for sc in ("clean", "2of6_x5"))
-        both = sorted(set(clean) & set(x5))
-        if not both:
-            continue
-        both = [s for s in both if x5[s]["ensembles"][rule]["asr"] is not None]  # a null ASR has no point
+        both = [s for s in sorted(set(clean) & set(x5)) if x5[s]["ensembles"][rule]["asr"] is not None]  # a null ASR has no point
         if not both:
             continue
         xs = [100 * clean[s]["ensembles"][rule]["acc"] for s in both]

@@ -75,8 +75,8 @@ def test_the_tradeoff_figure_draws_every_finished_run_and_skips_the_rest(rules, 
 def test_a_null_asr_is_left_out_of_tables_and_figure(rules, tmp_path) -> None:
     """An ASR of None (no triggered non-target image) is no number: the tables say n/a when
     no seed has one and average the seeds that do; the figure draws no point for it."""
-    assert rules._spread([None, None]) == "n/a"
-    assert rules._spread([None, 20.0, 40.0]) == "30.0 (20.0-40.0)"
+    assert rules.fmt([None, None]) == "n/a"
+    assert rules.fmt([None, 0.2, 0.4]) == "30.0 (20.0-40.0)"
     null = {"acc": 0.9, "asr": None, "asr_floor": 0.0}
     table = rules.tables({("2of6_x5", "mean_probs"): [{"dfkd_student": null, "ensemble": null}]}, ["2of6_x5"], ["mean_probs"])
     assert "90.0 / n/a / 0.0" in table
