@@ -278,7 +278,8 @@ class ABDDefense(NullDefense):
         self._sr_logs: list[dict[str, float]] = []
         self._flag_rate: list[float] = []
         self._flag_iter: list[list[float]] = []
-        self._teacher_flags: dict[int, list[float]] = {}  # teacher index -> [flagged samples, samples]
+        # teacher index -> [flagged samples (a tensor on the device: no host sync per step), samples]
+        self._teacher_flags: dict[int, list] = {}
         self._class_flagged: torch.Tensor | None = None
         self._class_seen: torch.Tensor | None = None
         self._weights_mode = self.cfg.weights
@@ -502,7 +503,7 @@ class ABDDefense(NullDefense):
         if self.ctx is None or not self._teacher_flags:
             return None
         counts = [self._teacher_flags.get(i) for i in range(len(self.ctx.teachers))]
-        return [float(c[0] / c[1]) if c and c[1] > 0 else None for c in counts]
+        return [float(c[0]) / c[1] if c is not None and c[1] > 0 else None for c in counts]
 
     def _active(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(t, s) for _, t, s in self._active_indexed()]
@@ -544,9 +545,9 @@ class ABDDefense(NullDefense):
                 t_logits, s_logits, self.cfg.generator_coef, self.cfg.generator_kl, self.cfg.mask, self.cfg.generator_norm
             ))
             mine = vaccine_mask(t_logits.detach(), s_logits.detach())
-            counts = self._teacher_flags.setdefault(i, [0.0, 0.0])
-            counts[0] += float(mine.sum())
-            counts[1] += float(mine.numel())
+            counts = self._teacher_flags.setdefault(i, [0, 0])
+            counts[0] = counts[0] + mine.sum()
+            counts[1] += mine.numel()
             flagged |= mine
             labels = t_logits.detach().argmax(1) if labels is None else labels  # the first active teacher's classes
         self._record_flags(flagged, labels)
