@@ -52,7 +52,7 @@ FL = {
     "fedftg": ["strategy=fedftg"],
     "feddf": ["strategy=feddf"],
     "fedgen": ["strategy=fedgen"],
-    "zskt_one_shot": [],  # the FL default scenario (also README results item 2)
+    "zskt_one_shot": [],  # the FL default scenario (also docs/results.md, results item 2)
 }
 PARTS = {"central": CENTRAL, "fl": FL}
 DEFAULT_ARCHIVE = ROOT / "benchmarks" / "results" / "table3"

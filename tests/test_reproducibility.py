@@ -1,6 +1,6 @@
 """Seeds make runs reproducible: the same composed config run twice on one machine gives
 the same teacher, students, ABD report and metrics (the Table-3 sweep relies on it to
-compare arms and seeds). Across machines the CPU kernels may differ (README, Table 3)."""
+compare arms and seeds). Across machines the CPU kernels may differ (docs/results.md, Table 3)."""
 
 from __future__ import annotations
 

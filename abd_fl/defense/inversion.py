@@ -2,7 +2,7 @@
 
 ABD's Self-Retrospection (Sec. 4.2, Algorithm 1) synthesises a *universal* perturbation
 ``delta`` that maximises the student's output shift and unlearns it. On the 8x8 digits that
-untargeted ``delta`` moves samples *away* from the target class (README, issue 3 probes),
+untargeted ``delta`` moves samples *away* from the target class (docs/results.md, issue 3 probes),
 so the unlearning removes accuracy, not the backdoor. This module synthesises the
 perturbation the backdoor actually is: for a class ``c``, a mask ``m`` and pattern ``p``
 (both in [0, 1], one per image shape, shared by every sample) such that
@@ -117,7 +117,7 @@ def invert_trigger(
     """Synthesise the mask and pattern that turn ``samples`` into class ``target`` (see module doc).
 
     The search is local (a start far from the trigger ends in a natural-class patch: measured,
-    README), so it runs from four starts at once, one mask per image quadrant (logit +1 inside,
+    docs/results.md), so it runs from four starts at once, one mask per image quadrant (logit +1 inside,
     -3 outside; patterns seeded noise), each on the same batches. ``model`` is used as it is
     (call it in eval mode); only the mask and pattern logits are optimised (Adam, ``lr``), on
     batches of ``batch_size`` drawn with a seeded generator from the samples ``model`` does not

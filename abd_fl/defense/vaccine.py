@@ -277,7 +277,7 @@ def tail_class_share(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float,
     The tail is the samples with ``S(x) < mean - 3 std`` (as :func:`tail_ratio`); ``labels``
     are the teacher's argmax classes of the same samples. A backdoored teacher's tail on
     synthetic data is mostly the target class; a clean teacher's tail is spread over classes
-    (README, "What limits SV at 8x8"). A data-free statistic: no label or target is known.
+    (docs/results.md, "What limits SV at 8x8"). A data-free statistic: no label or target is known.
     Returns ``(nan, -1, 0)`` for an empty tail.
     """
     s = torch.as_tensor(scores).detach().cpu().double().flatten()

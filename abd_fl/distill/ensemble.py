@@ -22,7 +22,7 @@ teachers of one architecture as one batched call (their weights stacked with
 registered on a teacher (attention transfer's stage recorders and DENSE's BatchNorm hooks
 need the per-teacher modules, so those runs fall back to the loop); ``auto`` is ``on`` on
 CUDA and ``off`` on CPU. The default is ``off``: on this project's CPU the batched call
-measured slower than the loop (README, issue 16), and it has not yet been timed on a GPU.
+measured slower than the loop (docs/performance.md, issue 16), and it has not yet been timed on a GPU.
 Both give the same logits within float tolerance (tests/test_ensemble_vectorize.py).
 
 The probability rules return the log of the combined distribution, which serves as logits
@@ -47,7 +47,7 @@ ENSEMBLE_RULES = ("mean_logits", "mean_probs", "standardized_logits", "median_pr
 DEFAULT_ENSEMBLE = "mean_probs"
 """The default rule (issue 15): on the default scenario it never lost clean accuracy against
 ``mean_logits`` (+4.6 to +8.8 points for the teacher ensemble, 3 seeds) and bounds a scaled
-attacker's say (README, "a server that hostile clients cannot take over")."""
+attacker's say (docs/configuration.md, "A server that hostile clients cannot take over")."""
 
 VECTORIZE_MODES = ("auto", "on", "off")
 """How :class:`TeacherEnsemble` runs its teachers (``distill.ensemble_vectorize``)."""

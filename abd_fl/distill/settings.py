@@ -155,7 +155,7 @@ class DistillSettings:
     ensemble: str = DEFAULT_ENSEMBLE
     """How the client teachers are combined (FL; one teacher gives the same targets under every
     rule): ``mean_probs`` (the default: the mean of the teachers' probabilities, chosen from
-    the README's ensemble comparison, issue 15) | ``mean_logits`` (FedDF / DENSE: the mean of
+    the ensemble comparison in docs/configuration.md, issue 15) | ``mean_logits`` (FedDF / DENSE: the mean of
     raw logits, the default before) |
     ``standardized_logits`` | ``median_probs`` | ``trimmed_probs`` (``abd_fl/distill/ensemble.py``)."""
     ensemble_trim: float = 0.2
