@@ -37,9 +37,17 @@ The defaults follow the reference's runs (illidanlab/ABD; DESIGN.md Sec. 4; the 
   ROC AUC). ``downweight_suspicious`` multiplies the ensemble weight of vaccinated teachers.
 - **Flag rate**: the share of generator samples that the vaccine flags, per iteration, and
   per teacher-predicted class over the run, in the report (``metrics.jsonl``). A sample is
-  flagged when any vaccinated teacher's shuffled copy disagrees with it (each teacher's SV
-  term uses its own mask); ``flag_rate_per_teacher`` gives each teacher's own rate, so an
-  ensemble's union can be read apart (a teacher without an active vaccine: ``None``).
+  flagged (``phi = 1``) when a shuffled copy keeps the teacher's prediction. With
+  ``sv_scope="each"`` (default; the reference has one teacher) every vaccinated teacher has
+  its own term and mask, and the reported rate is their union (a sample any teacher flags);
+  ``flag_rate_per_teacher`` gives each teacher's own rate, so the union can be read apart
+  (a teacher without an active vaccine: ``None``).
+- **Ensemble scope** (``sv_scope="ensemble"``, ours, for federations): one vaccine for the
+  teacher ensemble. ``T`` is the vaccinated teachers combined by the ensemble's own rule
+  (``distill.ensemble``, their ensemble weights renormalised), ``T~`` their shuffled copies
+  combined by the same rule; a sample is flagged when the *ensemble's* prediction survives
+  every teacher's shuffle, and the generator's term is Sec. 4.1 (1) on ``(T, T~)``. The
+  per-teacher rates are still reported. Same passes as ``each``.
 
 Our additions (off by default; on in ``defense=abd_ti``, README "Design"):
 
@@ -87,6 +95,7 @@ from abd_fl.defense.vaccine import (
     vaccine_regularizer,
     weights_from_mask,
 )
+from abd_fl.distill.ensemble import combine_logits
 from abd_fl.distill.hooks import DistillContext, NullDefense
 
 log = logging.getLogger("abd_fl")
@@ -98,6 +107,7 @@ WEIGHT_MODES = ("auto", "paper", "reference", "off")
 SR_SCHEDULES = ("cosine", "constant")
 INVERSION_MODES = ("off", "on")
 PURIFY_FILLS = ("inpaint", "zero", "mean")
+SV_SCOPES = ("each", "ensemble")
 DEFENSE_NAMES = ("none", "abd", "sv", "sr", "abd_ti")
 
 
@@ -145,6 +155,8 @@ class ABDConfig:
     """hard: phi = label match (paper) | soft: phi = p_T~(argmax T) (our calibration option)"""
     generator_norm: str = "flagged"
     """the regulariser's mean over the flagged samples (reference) | batch: sum over flagged / batch size (ours)"""
+    sv_scope: str = "each"
+    """each: one vaccine term and mask per teacher (the reference, one teacher) | ensemble: one for the combined teachers (ours)"""
     weights: str = "auto"
     """auto: reference weights on fixed (OOD/real) inputs, none on generator samples (reference) | paper | reference | off"""
     weight_alpha: float = 10.0
@@ -200,6 +212,7 @@ class ABDConfig:
             "sr": SR_MODES, "search": SEARCH_MODES, "surrogate": SURROGATE_MODES, "weights": WEIGHT_MODES,
             "sr_schedule": SR_SCHEDULES, "verify_rule": VERIFY_RULES, "mask": MASK_MODES, "generator_kl": ("mean", "sum"),
             "generator_norm": REGULARIZER_NORMS, "inversion": INVERSION_MODES, "purify_fill": PURIFY_FILLS,
+            "sv_scope": SV_SCOPES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -532,24 +545,47 @@ class ABDDefense(NullDefense):
             return sv if balance is None else balance
         return sv + balance
 
+    def _regularizer(self, t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        return vaccine_regularizer(t_logits, s_logits, cfg.generator_coef, cfg.generator_kl, cfg.mask, cfg.generator_norm)
+
+    def _combined(self, indices: Sequence[int], logits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The logits of teachers ``indices`` combined by the context ensemble's rule and
+        weights (renormalised over them); ``mean_probs`` with equal weights for an ensemble
+        module that has no rule."""
+        ens = self.ctx.ensemble if self.ctx is not None else None
+        all_weights = getattr(ens, "weights", None)
+        if isinstance(all_weights, torch.Tensor) and all_weights.numel() == len(self.ctx.teachers):
+            w = all_weights.detach()[list(indices)].float()
+            w = w / w.sum() if float(w.sum()) > 0 else torch.full((len(indices),), 1.0 / len(indices))
+        else:
+            w = torch.full((len(indices),), 1.0 / len(indices))
+        return combine_logits(torch.stack(list(logits)), w, getattr(ens, "rule", "mean_probs"), getattr(ens, "trim", 0.2))
+
     def _sv_term(self, x: torch.Tensor) -> torch.Tensor | None:
         active = self._active_indexed()
         if not active:
             return None
-        terms = []
-        labels = None
+        terms, t_all, s_all = [], [], []
         flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for i, t, s in active:
             t_logits, s_logits = t(x), s(x)
-            terms.append(vaccine_regularizer(
-                t_logits, s_logits, self.cfg.generator_coef, self.cfg.generator_kl, self.cfg.mask, self.cfg.generator_norm
-            ))
             mine = vaccine_mask(t_logits.detach(), s_logits.detach())
             counts = self._teacher_flags.setdefault(i, [0, 0])
             counts[0] = counts[0] + mine.sum()
             counts[1] += mine.numel()
-            flagged |= mine
-            labels = t_logits.detach().argmax(1) if labels is None else labels  # the first active teacher's classes
+            if self.cfg.sv_scope == "each":
+                terms.append(self._regularizer(t_logits, s_logits))
+                flagged |= mine
+            t_all.append(t_logits)
+            s_all.append(s_logits)
+        labels = t_all[0].detach().argmax(1)  # the first active teacher's classes
+        if self.cfg.sv_scope == "ensemble":
+            indices = [i for i, _, _ in active]
+            t_comb, s_comb = self._combined(indices, t_all), self._combined(indices, s_all)
+            terms.append(self._regularizer(t_comb, s_comb))
+            flagged = vaccine_mask(t_comb.detach(), s_comb.detach())
+            labels = t_comb.detach().argmax(1)  # the ensemble's classes
         self._record_flags(flagged, labels)
         return torch.stack(terms).mean()
 
@@ -585,9 +621,15 @@ class ABDDefense(NullDefense):
         if not active or self._weights_mode == "off":
             return None
         with torch.no_grad():
-            flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            for t, s in active:
-                flagged |= vaccine_mask(t(x), s(x))
+            if self.cfg.sv_scope == "ensemble":
+                indexed = self._active_indexed()
+                indices = [i for i, _, _ in indexed]
+                flagged = vaccine_mask(self._combined(indices, [t(x) for _, t, _ in indexed]),
+                                       self._combined(indices, [s(x) for _, _, s in indexed]))
+            else:
+                flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+                for t, s in active:
+                    flagged |= vaccine_mask(t(x), s(x))
             self._flag_rate.append(float(flagged.float().mean()))
         return weights_from_mask(flagged, self._weights_mode, self.cfg.weight_alpha, self.cfg.weight_coef).to(x.device)
 
