@@ -518,9 +518,6 @@ class ABDDefense(NullDefense):
         counts = [self._teacher_flags.get(i) for i in range(len(self.ctx.teachers))]
         return [float(c[0]) / c[1] if c is not None and c[1] > 0 else None for c in counts]
 
-    def _active(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(t, s) for _, t, s in self._active_indexed()]
-
     def _active_indexed(self) -> list[tuple[int, nn.Module, nn.Module]]:
         """The vaccinated teachers with their index among the context's teachers, and their shuffled copies."""
         if not self._searched or self.ctx is None:
@@ -617,18 +614,17 @@ class ABDDefense(NullDefense):
                 del self._cache[: -self.cfg.surrogate_batches]  # latest: a window of the last batches
                 del self._counts[: -self.cfg.surrogate_batches]
             return None
-        active = self._active()
+        active = self._active_indexed()
         if not active or self._weights_mode == "off":
             return None
         with torch.no_grad():
             if self.cfg.sv_scope == "ensemble":
-                indexed = self._active_indexed()
-                indices = [i for i, _, _ in indexed]
-                flagged = vaccine_mask(self._combined(indices, [t(x) for _, t, _ in indexed]),
-                                       self._combined(indices, [s(x) for _, _, s in indexed]))
+                indices = [i for i, _, _ in active]
+                flagged = vaccine_mask(self._combined(indices, [t(x) for _, t, _ in active]),
+                                       self._combined(indices, [s(x) for _, _, s in active]))
             else:
                 flagged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-                for t, s in active:
+                for _, t, s in active:
                     flagged |= vaccine_mask(t(x), s(x))
             self._flag_rate.append(float(flagged.float().mean()))
         return weights_from_mask(flagged, self._weights_mode, self.cfg.weight_alpha, self.cfg.weight_coef).to(x.device)
