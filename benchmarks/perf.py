@@ -32,6 +32,12 @@ Parts (each prints a Markdown table):
   it. The work divided by the best rate is the slope of an ideal vectorised forward; the
   loop's slope (part ``scale``, when run in the same call) over it bounds what any
   vectorising can gain here.
+* ``memory``: what one extra client teacher adds to the server's memory during a
+  distillation step: its weights, and the tensors autograd keeps from its forward pass for
+  the generator's backward (``torch.autograd.graph.saved_tensors_hooks`` over one forward of
+  the default ``cnn`` client model at the distillation batch, input requiring grad as in
+  the generator step; storages shared between saved tensors counted once). Compare with
+  the peak-RSS slope of ``benchmarks/scale_clients.py``.
 * ``round``: where a default FL round's time goes, read from a finished run's
   ``metrics.jsonl`` (``--run-dir``; default: the newest run under ``outputs/`` that records
   ``replies_wait_s``): the server's distillation, evaluation and aggregation, the clients'
@@ -62,7 +68,7 @@ from abd_fl.experiment import build_bundle, build_named_model, distill_config  #
 from abd_fl.models.generators import ConvGenerator  # noqa: E402
 from abd_fl.paths import compose_config  # noqa: E402
 
-PARTS = ("loop", "abd", "profile", "scale", "floor", "round")
+PARTS = ("loop", "abd", "profile", "scale", "floor", "round", "memory")
 
 
 # ---- (a) our loop vs a bare loop -----------------------------------------------------------
@@ -341,6 +347,44 @@ def compute_floor(loop_slope_s: float | None, multiples: tuple[int, ...] = (1, 8
 
 
 # ---- (d) a default round's time -------------------------------------------------------------
+# ---- memory per teacher ------------------------------------------------------------------
+def teacher_memory_bytes(batch: int) -> tuple[int, int, int]:
+    """(weights, autograd-saved activation bytes, distinct saved storages) of one default client
+    teacher's forward at ``batch``, its input requiring grad as in the generator step."""
+    cfg = compose_config([])
+    bundle = build_bundle(cfg)
+    teacher = build_named_model(cfg, bundle, "client", seed=0).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.rand(batch, *bundle.train.shape, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = teacher(x)
+    storages.pop(x.untyped_storage().data_ptr(), None)  # the generator's images, shared by every teacher
+    for t in teacher.state_dict().values():  # weights saved for the input gradient: counted as weights
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    del logits
+    weights = sum(t.numel() * t.element_size() for t in teacher.state_dict().values())
+    return weights, sum(storages.values()), len(storages)
+
+
+def teacher_memory(batch: int | None = None) -> list[str]:
+    cfg = compose_config([])
+    batch = int(batch or cfg["distill"]["batch_size"])
+    weights, saved, n = teacher_memory_bytes(batch)
+    return [f"\n(e) server memory per client teacher: default `{cfg['model']['client']}` client model, "
+            f"distillation batch {batch}",
+            "| weights MB | activations autograd keeps for the generator's backward MB (distinct storages) | total MB |",
+            "|---:|---:|---:|",
+            f"| {weights / 2**20:.2f} | {saved / 2**20:.2f} ({n}) | {(weights + saved) / 2**20:.2f} |"]
+
+
 def _newest_run_with_waits() -> Path | None:
     found = []
     for metrics in (ROOT / "outputs").rglob("metrics.jsonl"):
@@ -413,6 +457,8 @@ def main() -> None:
             lines = scaling(sorted(args.teachers), args.scale_iterations, args.threads)
         elif part == "floor":
             lines = compute_floor(LAST_LOOP_SLOPE[-1] if LAST_LOOP_SLOPE else args.loop_slope)
+        elif part == "memory":
+            lines = teacher_memory()
         else:
             lines = round_shares(args.run_dir)
         print("\n".join(lines), flush=True)

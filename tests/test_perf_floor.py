@@ -31,3 +31,14 @@ def test_floor_table_names_the_loop_slope(perf) -> None:
     text = "\n".join(lines)
     assert "MFLOP" in text and "floor of an ideal vectorised ensemble" in text
     assert "loop slope (part scale) 500.0 ms" in text
+
+
+def test_teacher_memory_counts_weights_and_activations_linear_in_batch(perf) -> None:
+    """Part ``memory``: the weights do not depend on the batch, the saved activations grow
+    linearly with it (so the per-client RSS slope is set by the distillation batch)."""
+    w64, saved64, n64 = perf.teacher_memory_bytes(64)
+    w128, saved128, n128 = perf.teacher_memory_bytes(128)
+    assert w64 == w128 > 0
+    assert n64 == n128 > 0
+    assert saved128 == 2 * saved64
+    assert "activations autograd keeps" in "\n".join(perf.teacher_memory(32))
