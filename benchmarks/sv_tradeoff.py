@@ -58,6 +58,8 @@ POINTS: dict[str, list[str]] = {
     "ti_only": ["defense=abd_ti", f"{P}.class_balance=0.0"],  # targeted retrospection without class balance
 }
 TARGET = 0  # the configs' attack.target_label
+# the regulariser's coefficient, point by point: drawn as one dashed curve in the figure
+COEF_CURVE: list[tuple[str, float]] = [("coef0.01", 0.01), ("coef0.03", 0.03), ("ref", 0.1), ("coef0.3", 0.3)]
 
 
 def flag_rates(run_dir: Path) -> dict[str, float | None]:
@@ -124,9 +126,10 @@ def _found(row: dict) -> str:
     return ",".join(map(str, found)) if found else "none"
 
 
-def report(out: Path) -> str:
+def report(out: Path, figure: Path | None = None) -> str:
     """``results.md``: the mean (min-max) table, then per trigger and defense each seed against the
-    same seed's baseline with the verdict of the central target; and the figure."""
+    same seed's baseline with the verdict of the central target; and the figure (default
+    ``docs/figures/<out's name>.png``)."""
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
     latest: dict[tuple, dict] = {}
     for r in rows:
@@ -171,7 +174,7 @@ def report(out: Path) -> str:
                              f"{100 * drop:+.1f} | {verdict} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
-    save_figure(rows, ROOT / "docs" / "figures" / f"{out.name}.png")  # sv_tradeoff.png, table4.png, ...
+    save_figure(rows, figure or ROOT / "docs" / "figures" / f"{out.name}.png")  # sv_tradeoff.png, table4.png, ...
     return text
 
 
@@ -195,6 +198,19 @@ def save_figure(rows: list[dict], path: Path) -> None:
                         yerr=[[statistics.mean(asr) - min(asr)], [max(asr) - statistics.mean(asr)]],
                         fmt="s" if point == "baseline" else "o^vD"[i % 4], color=plt.cm.tab20(i % 20), capsize=3,
                         label=f"{point} (n={len(sel)})")
+        base = [100 * r["acc"] for r in rows if r["trigger"] == trigger and r["point"] == "baseline"]
+        if base:  # the central target: ASR <= 5% at <= 3 points below the baseline's mean Acc
+            ax.fill_between([statistics.mean(base) - 100 * ACC_DROP, 100], -1, 100 * ASR_MAX, color="tab:green",
+                            alpha=0.15, zorder=0, label="target (vs baseline mean)")
+        curve = [(coef, [r for r in rows if r["trigger"] == trigger and r["point"] == point])
+                 for point, coef in COEF_CURVE]
+        curve = [(coef, sel) for coef, sel in curve if sel]
+        if len(curve) >= 2:  # the coefficient's trade-off: means joined in coefficient order
+            xs = [statistics.mean(100 * r["acc"] for r in sel) for _, sel in curve]
+            ys = [statistics.mean(100 * r["asr"] for r in sel) for _, sel in curve]
+            ax.plot(xs, ys, "--", color="0.4", lw=1, zorder=0, label="SV coefficient (mean)")
+            for (coef, _), x, y in zip(curve, xs, ys):
+                ax.annotate(f"{coef:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="0.3")
         ax.set_xlabel("clean accuracy % (mean, min-max over seeds)")
         ax.set_ylabel("ASR %")
         ax.set_title(f"SV / SR variants, central ZSKT, {trigger}")
@@ -214,11 +230,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each with one torch thread)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "sv_tradeoff")
     parser.add_argument("--report", action="store_true", help="rebuild results.md and the figure only")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="where the figure goes (default docs/figures/<--out's name>.png)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report:
-        print(report(args.out))
+        print(report(args.out, args.figure))
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -239,7 +257,7 @@ def main() -> None:
             print(f"{row['trigger']} {row['point']} seed {row['seed']}: acc {row['acc']:.3f} asr {row['asr']:.3f} "
                   f"floor {row['asr_floor']:.3f} flags {row.get('flag_target')}/{row.get('flag_other')} "
                   f"({row['wall_s']:.0f} s)", flush=True)
-    print(report(args.out))
+    print(report(args.out, args.figure))
     raise SystemExit(1 if failed else 0)
 
 
