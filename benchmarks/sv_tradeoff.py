@@ -185,9 +185,10 @@ def save_figure(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     triggers = sorted({r["trigger"] for r in rows})
-    fig, axes = plt.subplots(1, len(triggers), figsize=(5.5 * len(triggers), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(triggers), figsize=(7.0 * len(triggers), 4.5), squeeze=False)
+    present = [p for p in POINTS if any(r["point"] == p for r in rows)]  # colours by the points drawn, so none repeats
     for ax, trigger in zip(axes[0], triggers):
-        for i, point in enumerate(POINTS):
+        for i, point in enumerate(present):
             sel = [r for r in rows if r["trigger"] == trigger and r["point"] == point]
             if not sel:
                 continue
@@ -215,7 +216,7 @@ def save_figure(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("ASR %")
         ax.set_title(f"SV / SR variants, central ZSKT, {trigger}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
