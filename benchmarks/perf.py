@@ -346,8 +346,7 @@ def compute_floor(loop_slope_s: float | None, multiples: tuple[int, ...] = (1, 8
     return out
 
 
-# ---- (d) a default round's time -------------------------------------------------------------
-# ---- memory per teacher ------------------------------------------------------------------
+# ---- (e) memory per teacher ---------------------------------------------------------------
 def teacher_memory_bytes(batch: int) -> tuple[int, int, int]:
     """(weights, autograd-saved activation bytes, distinct saved storages) of one default client
     teacher's forward at ``batch``, its input requiring grad as in the generator step."""
@@ -375,6 +374,7 @@ def teacher_memory_bytes(batch: int) -> tuple[int, int, int]:
 
 
 def teacher_memory(batch: int | None = None) -> list[str]:
+    """Part ``memory``'s table: one teacher's weights and saved activations, in MiB."""
     cfg = compose_config([])
     batch = int(batch or cfg["distill"]["batch_size"])
     weights, saved, n = teacher_memory_bytes(batch)
@@ -385,6 +385,7 @@ def teacher_memory(batch: int | None = None) -> list[str]:
             f"| {weights / 2**20:.2f} | {saved / 2**20:.2f} ({n}) | {(weights + saved) / 2**20:.2f} |"]
 
 
+# ---- (d) a default round's time -------------------------------------------------------------
 def _newest_run_with_waits() -> Path | None:
     found = []
     for metrics in (ROOT / "outputs").rglob("metrics.jsonl"):

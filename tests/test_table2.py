@@ -88,7 +88,7 @@ def test_dry_run_prints_one_command_per_cell_and_seed(table2, tmp_path: Path, ca
 
     # another defense, a subset of cells, the paper datasets
     text = table2.main(["--dry-run", "--seeds", "1", "--defense", "abd_ti", "--data-root", "/data",
-                        "--cells", "mnist5k/lenet", "cifar10", "--out", str(out)])
+                        "--cells", "mnist5k/lenet", "cifar10", "--out", str(out), "--archive", str(archive)])
     cmds = [shlex.split(line) for line in text.splitlines()]
     assert [Path(c[4]).name for c in cmds] == [
         "mnist5k-lenet-abd_ti-seed1", "cifar10-wrn16_2-abd_ti-seed1", "cifar10-wrn40_2-abd_ti-seed1"]
@@ -101,7 +101,8 @@ def test_dry_run_prints_one_command_per_cell_and_seed(table2, tmp_path: Path, ca
 
 def test_another_trigger_gets_its_own_runs_and_keeps_the_cells_poison_rate(table2, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    text = table2.main(["--dry-run", "--seeds", "2", "--attack", "trojan_wm", "--cells", "mnist5k/lenet", "--out", str(out)])
+    text = table2.main(["--dry-run", "--seeds", "2", "--attack", "trojan_wm", "--cells", "mnist5k/lenet", "--out", str(out),
+                        "--archive", str(tmp_path / "archive")])  # not the tracked archive: its finished runs are read back
     (cmd,) = [shlex.split(line) for line in text.splitlines()]
     assert Path(cmd[4].removeprefix("output_dir=")).name == "mnist5k-lenet-trojan_wm-abd-seed2"
     assert cmd[6:] == ["experiment=mnist_central", "model=mnist_lenet", "attack=trojan_wm", "defense=abd"]
