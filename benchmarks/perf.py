@@ -352,9 +352,7 @@ def teacher_memory_bytes(batch: int) -> tuple[int, int, int]:
     teacher's forward at ``batch``, its input requiring grad as in the generator step."""
     cfg = compose_config([])
     bundle = build_bundle(cfg)
-    teacher = build_named_model(cfg, bundle, "client", seed=0).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = build_named_model(cfg, bundle, "client", seed=0).eval().requires_grad_(False)
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
