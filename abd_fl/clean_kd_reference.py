@@ -50,6 +50,7 @@ def distill_clean_kd_reference(
             ensemble=str(cfg["distill"].get("ensemble", DEFAULT_ENSEMBLE)),
             ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
             ensemble_vectorize=str(cfg["distill"].get("ensemble_vectorize", "off")),
+            memory_format=str(cfg["distill"].get("memory_format", "auto")),
         ),
         device=device,
     )

@@ -11,6 +11,10 @@ Parts (each prints a Markdown table):
   through student and teacher, gradient clipped, then ``student_steps`` student steps on
   the generator's images of the same z, the teacher's logits computed once); alternating
   order, median of ``--repeats``. Target (issue 16): ratio <= 1.10.
+* ``levers``: what the layout of the convolutions buys (``distill.memory_format``
+  ``contiguous`` vs ``channels_last``, our loop, baseline and ABD, one teacher and the
+  6-client ensemble), and every lever on the bare loop: ``torch.inference_mode`` for the
+  teacher's no-grad pass, ``torch.compile``, channels-last, channels-last with compile.
 * ``abd``: ABD / baseline wall time for one poisoned teacher and the FL ensemble
   (:mod:`benchmarks.overhead`'s pairs; teachers trained first). Targets <= 1.10 and <= 1.25.
 * ``profile``: where ABD's extra time goes (cProfile of one ABD distillation with the
@@ -47,6 +51,7 @@ Parts (each prints a Markdown table):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -68,13 +73,20 @@ from abd_fl.experiment import build_bundle, build_named_model, distill_config  #
 from abd_fl.models.generators import ConvGenerator  # noqa: E402
 from abd_fl.paths import compose_config  # noqa: E402
 
-PARTS = ("loop", "abd", "profile", "scale", "floor", "round", "memory")
+PARTS = ("loop", "levers", "abd", "profile", "scale", "floor", "round", "memory")
 
 
 # ---- (a) our loop vs a bare loop -----------------------------------------------------------
-def bare_zskt(teacher: torch.nn.Module, student: torch.nn.Module, cfg: dict, image_shape: tuple[int, int, int]) -> None:
+def bare_zskt(
+    teacher: torch.nn.Module, student: torch.nn.Module, cfg: dict, image_shape: tuple[int, int, int], lever: str = "none"
+) -> None:
     """The passes of our ZSKT distillation written as a plain PyTorch loop (no defense, no
-    hooks, no logging): what :func:`timed_pair` compares :func:`abd_fl.distill.distill` with."""
+    hooks, no logging): what :func:`loop_vs_bare` compares :func:`abd_fl.distill.distill` with.
+
+    ``lever`` (part ``levers``): ``none`` (the plain loop), ``inference_mode`` for the
+    teacher's no-grad pass, ``compile`` (``torch.compile`` of generator, student and teacher;
+    the first call compiles), ``channels_last`` (the three modules' 4-D weights channels-last,
+    as ``distill.memory_format``) or ``channels_last+compile``. The teacher is left as it was."""
     d = cfg["distill"]
     sp = d["synthesizer_params"]
     dcfg = distill_config(cfg)
@@ -87,12 +99,17 @@ def bare_zskt(teacher: torch.nn.Module, student: torch.nn.Module, cfg: dict, ima
     s_opt = torch.optim.Adam(student.parameters(), lr=dcfg.lr)
     s_sched = torch.optim.lr_scheduler.CosineAnnealingLR(s_opt, max(1, iterations * steps))
     teacher.eval().requires_grad_(False)
+    if lever.startswith("channels_last"):
+        for module in (gen, student, teacher):
+            module.to(memory_format=torch.channels_last)
+    G, S, T = (torch.compile(m) for m in (gen, student, teacher)) if lever.endswith("compile") else (gen, student, teacher)
+    no_grad = torch.inference_mode if lever == "inference_mode" else torch.no_grad
     for _ in range(iterations):
         gen.train()
         student.eval()
         z = torch.randn(batch, int(sp["z_dim"]))
-        x = gen(z)
-        loss = -kd_kl_per_sample(student(x), teacher(x), float(sp["temperature"]), sp["kl_reduction"]).mean()
+        x = G(z)
+        loss = -kd_kl_per_sample(S(x), T(x), float(sp["temperature"]), sp["kl_reduction"]).mean()
         g_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), float(sp["clip_grad_norm"]))
@@ -100,11 +117,13 @@ def bare_zskt(teacher: torch.nn.Module, student: torch.nn.Module, cfg: dict, ima
         g_sched.step()
         student.zero_grad(set_to_none=True)
         student.train()
-        with torch.no_grad():
-            xs = gen(z)
-            t_logits = teacher(xs)
+        with no_grad():
+            xs = G(z)
+            t_logits = T(xs)
+        if lever == "inference_mode":  # inference tensors cannot be saved for the student's backward
+            xs, t_logits = xs.clone(), t_logits.clone()
         for _ in range(steps):
-            loss = kd_kl_per_sample(student(xs), t_logits, dcfg.temperature, dcfg.kl_reduction).mean()
+            loss = kd_kl_per_sample(S(xs), t_logits, dcfg.temperature, dcfg.kl_reduction).mean()
             s_opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), float(dcfg.clip_grad_norm))
@@ -140,6 +159,63 @@ def loop_vs_bare(iterations: int, repeats: int) -> list[str]:
         f"| bare PyTorch | {bare:.2f} | {bare / iterations:.4f} | 1.00 |",
         f"| abd_fl.distill | {ours:.2f} | {ours / iterations:.4f} | {ours / bare:.2f} |",
     ]
+
+
+# ---- (a') levers: memory format, inference mode, torch.compile ---------------------------------
+def levers(iterations: int, repeats: int, teacher_counts: tuple[int, ...] = (1, 6)) -> list[str]:
+    """Our distillation (baseline and ABD, one teacher and the 6-client ensemble, untrained cnn
+    teachers) with ``distill.memory_format=contiguous`` (the layout before) and ``channels_last``,
+    alternating, median of ``repeats``; then the bare loop with the levers the loop does not
+    use (``inference_mode``, ``torch.compile``) against the plain bare loop."""
+    from abd_fl.experiment import build_defense
+
+    out = [f"\n(a') levers: ZSKT {iterations} iterations, untrained cnn teachers, median of {repeats} alternating runs",
+           "| setting | contiguous s/it | channels_last s/it | speed-up |", "|---|---:|---:|---:|"]
+    per_it: dict[tuple[str, int, str], float] = {}
+    for defense in ("none", "abd"):
+        for n in teacher_counts:
+            walls: dict[str, list[float]] = {"contiguous": [], "channels_last": []}
+            for r in range(repeats + 1):  # the first round is an untimed warm-up
+                for fmt in (("contiguous", "channels_last") if r % 2 == 0 else ("channels_last", "contiguous")):
+                    cfg = compose_config([f"distill.iterations={iterations if r else 2}", f"defense={defense}",
+                                          f"distill.memory_format={fmt}"])
+                    bundle = build_bundle(cfg)
+                    teachers = [build_named_model(cfg, bundle, "client", seed=1 + i).eval() for i in range(n)]
+                    dcfg = distill_config(cfg)
+                    t0 = time.perf_counter()
+                    distill(teachers, build_named_model(cfg, bundle, "student"), distill_settings(cfg["distill"]).build_synthesizer(),
+                            defense=build_defense(cfg, defense, dcfg.seed) if defense != "none" else None, config=dcfg,
+                            image_shape=bundle.train.shape)
+                    if r:
+                        walls[fmt].append((time.perf_counter() - t0) / iterations)
+            for fmt, w in walls.items():
+                per_it[(defense, n, fmt)] = statistics.median(w)
+            c, cl = per_it[(defense, n, "contiguous")], per_it[(defense, n, "channels_last")]
+            label = f"{'ABD' if defense == 'abd' else 'baseline'}, {n} teacher{'s' if n > 1 else ''}"
+            out.append(f"| {label} | {c:.4f} | {cl:.4f} | {c / cl:.2f}x |")
+    for n in teacher_counts:
+        out.append(f"| ABD / baseline, {n} teacher{'s' if n > 1 else ''} | "
+                   f"{per_it[('abd', n, 'contiguous')] / per_it[('none', n, 'contiguous')]:.2f} | "
+                   f"{per_it[('abd', n, 'channels_last')] / per_it[('none', n, 'channels_last')]:.2f} | |")
+    cfg = compose_config([f"distill.iterations={iterations}", "defense=none"])
+    bundle = build_bundle(cfg)
+    teacher = build_named_model(cfg, bundle, "client", seed=1).eval()
+    walls = {lever: [] for lever in ("none", "inference_mode", "compile", "channels_last", "channels_last+compile")}
+    warm_s: dict[str, float] = {}
+    for r in range(repeats + 1):
+        for lever in (list(walls) if r % 2 == 0 else list(walls)[::-1]):
+            t0 = time.perf_counter()
+            bare_zskt(copy.deepcopy(teacher), build_named_model(cfg, bundle, "student"), cfg if r else compose_config(
+                ["distill.iterations=2", "defense=none"]), bundle.train.shape, lever)
+            if r:
+                walls[lever].append((time.perf_counter() - t0) / iterations)
+            else:
+                warm_s[lever] = time.perf_counter() - t0
+    plain = statistics.median(walls["none"])
+    out += ["", "| bare loop, one teacher | s/it | speed-up | first 2 iterations s (compiling) |", "|---|---:|---:|---:|"]
+    out += [f"| {'plain (contiguous)' if lever == 'none' else lever} | {statistics.median(walls[lever]):.4f} | "
+            f"{plain / statistics.median(walls[lever]):.2f}x | {warm_s[lever]:.1f} |" for lever in walls]
+    return out
 
 
 # ---- (b) ABD / baseline ------------------------------------------------------------------
@@ -448,6 +524,8 @@ def main() -> None:
     for part in args.parts:
         if part == "loop":
             lines = loop_vs_bare(args.iterations, args.repeats)
+        elif part == "levers":
+            lines = levers(args.iterations, args.repeats)
         elif part == "abd":
             lines = abd_overhead(args.iterations, args.repeats)
         elif part == "profile":

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from abd_fl.device import MEMORY_FORMATS, resolve_memory_format
 from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
 from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE, TeacherEnsemble, check_ensemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
@@ -60,6 +61,9 @@ class DistillConfig:
     """``trimmed_probs``: the share of teachers dropped at each end per class, in [0, 0.5)."""
     ensemble_vectorize: str = "off"
     """Run same-architecture teachers as one ``vmap``-ed call: ``off`` | ``on`` | ``auto`` (on CUDA only)."""
+    memory_format: str = "auto"
+    """Layout of the teachers', student's and generator's 4-D weights during the run (:data:`~abd_fl.device.MEMORY_FORMATS`):
+    ``channels_last`` | ``contiguous`` | ``auto`` (channels_last on CPU). Restored to contiguous when the run ends."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "student_steps", "batch_size"):
@@ -76,6 +80,8 @@ class DistillConfig:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0):
             raise ValueError(f"distill.clip_grad_norm must be null or a finite number > 0, got {clip!r}")
         check_ensemble(self.ensemble, self.ensemble_trim, self.ensemble_vectorize)
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"unknown distill.memory_format '{self.memory_format}'; choose one of: {', '.join(MEMORY_FORMATS)}")
         beta = self.attention_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
@@ -118,8 +124,9 @@ def distill(
         teachers if isinstance(teachers, TeacherEnsemble)
         else TeacherEnsemble(teachers, rule=cfg.ensemble, trim=cfg.ensemble_trim, vectorize=cfg.ensemble_vectorize)
     )
-    ensemble.to(device)
-    student.to(device).train()
+    memory_format = resolve_memory_format(cfg.memory_format, device)
+    ensemble.to(device, memory_format=memory_format)
+    student.to(device, memory_format=memory_format).train()
     if image_shape is None:
         image_shape = tuple(getattr(synthesizer, "images").shape[1:])  # fixed-data synthesizers
     torch.manual_seed(cfg.seed)
@@ -139,7 +146,8 @@ def distill(
     ) if callable(teacher_input) else None
     try:
         synthesizer.setup(
-            ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed, total_iterations=cfg.iterations
+            ensemble, student, image_shape, device, timed_generator_term, seed=cfg.seed, total_iterations=cfg.iterations,
+            memory_format=memory_format,
         )
         start = time.perf_counter()
         if defense is not None:
@@ -242,3 +250,6 @@ def distill(
     finally:
         if hook is not None:
             hook.remove()
+        if memory_format != torch.contiguous_format:  # callers see the usual layout (same values)
+            ensemble.to(memory_format=torch.contiguous_format)
+            student.to(memory_format=torch.contiguous_format)

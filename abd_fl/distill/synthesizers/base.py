@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 GeneratorLossHook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
@@ -33,6 +34,7 @@ class Synthesizer(ABC):
         extra_generator_loss: GeneratorLossHook | None = None,
         seed: int = 0,
         total_iterations: int | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         self.ensemble = ensemble
         self.student = student
@@ -42,7 +44,14 @@ class Synthesizer(ABC):
         self.seed = seed
         self.total_iterations = total_iterations
         """Iterations of the run (for learning-rate schedules); None when unknown."""
+        self.memory_format = memory_format
+        """The layout of the generators' 4-D weights (``distill.memory_format``): see :meth:`_place`."""
         self._setup()
+
+    def _place(self, module: ModuleT) -> ModuleT:
+        """``module`` on the device, its 4-D weights in the run's memory format (a generator's
+        convolutions then produce images in that layout, as the teachers and student expect)."""
+        return module.to(self.device, memory_format=self.memory_format)
 
     def _setup(self) -> None:
         """Build generators, optimizers, pools (after the common fields are set)."""

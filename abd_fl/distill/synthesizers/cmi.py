@@ -189,7 +189,7 @@ class CMISynthesizer(Synthesizer):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.rng))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return ConvGenerator(self.z_dim, h, c, self.ngf, "sigmoid").to(self.device)
+            return self._place(ConvGenerator(self.z_dim, h, c, self.ngf, "sigmoid"))
 
     # ---- the generator's loss -------------------------------------------------------------
     def _teacher_pass(self, x: torch.Tensor, stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -56,7 +56,7 @@ class DENSESynthesizer(Synthesizer):
 
     def _new_generator(self) -> ConvGenerator:
         c, h, _ = self.image_shape
-        return ConvGenerator(self.z_dim, h, c, self.ngf, "sigmoid").to(self.device)
+        return self._place(ConvGenerator(self.z_dim, h, c, self.ngf, "sigmoid"))
 
     def generator_round(self, iteration: int) -> dict[str, float]:
         generator = self._new_generator()

@@ -72,7 +72,7 @@ class ZSKTSynthesizer(Synthesizer):
     def _setup(self) -> None:
         c, h, _ = self.image_shape
         torch.manual_seed(self.seed)
-        self.generator = ConvGenerator(self.z_dim, h, c, self.ngf, self.output_activation).to(self.device)
+        self.generator = self._place(ConvGenerator(self.z_dim, h, c, self.ngf, self.output_activation))
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.lr)
         total = self.total_iterations
         self.scheduler = (
