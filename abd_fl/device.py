@@ -23,15 +23,20 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 """``distill.memory_format`` values: how the 4-D weights (and so the feature maps) are laid out."""
 
 
+def check_memory_format(name: str) -> None:
+    """One-line ``ValueError`` naming ``name`` unless it is one of :data:`MEMORY_FORMATS`."""
+    if name not in MEMORY_FORMATS:
+        raise ValueError(f"unknown distill.memory_format '{name}'; choose one of: {', '.join(MEMORY_FORMATS)}")
+
+
 def resolve_memory_format(name: str, device: torch.device | str) -> torch.memory_format:
     """Map a config string to a :class:`torch.memory_format`; one-line error for bad values.
 
     ``auto`` is ``channels_last`` on CPU, where oneDNN's NHWC convolutions ran the default
-    distillation 1.3-1.5x faster (``benchmarks/perf.py --parts levers``), and ``contiguous``
+    distillation 1.2-1.6x faster (``benchmarks/perf.py --parts levers``), and ``contiguous``
     on CUDA, where it has not been timed (on a GPU NHWC pays mainly in half precision).
     """
-    if name not in MEMORY_FORMATS:
-        raise ValueError(f"unknown distill.memory_format '{name}'; choose one of: {', '.join(MEMORY_FORMATS)}")
+    check_memory_format(name)
     if name == "auto":
         name = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
     return torch.channels_last if name == "channels_last" else torch.contiguous_format

@@ -15,6 +15,8 @@ Parts (each prints a Markdown table):
   ``contiguous`` vs ``channels_last``, our loop, baseline and ABD, one teacher and the
   6-client ensemble), and every lever on the bare loop: ``torch.inference_mode`` for the
   teacher's no-grad pass, ``torch.compile``, channels-last, channels-last with compile.
+* ``fixed``: the clean-KD reference (fixed inputs) with the teachers' targets computed once
+  per image and looked up, against computed on every student step (the loop before).
 * ``abd``: ABD / baseline wall time for one poisoned teacher and the FL ensemble
   (:mod:`benchmarks.overhead`'s pairs; teachers trained first). Targets <= 1.10 and <= 1.25.
 * ``profile``: where ABD's extra time goes (cProfile of one ABD distillation with the
@@ -73,7 +75,7 @@ from abd_fl.experiment import build_bundle, build_named_model, distill_config  #
 from abd_fl.models.generators import ConvGenerator  # noqa: E402
 from abd_fl.paths import compose_config  # noqa: E402
 
-PARTS = ("loop", "levers", "abd", "profile", "scale", "floor", "round", "memory")
+PARTS = ("loop", "levers", "fixed", "abd", "profile", "scale", "floor", "round", "memory")
 
 
 # ---- (a) our loop vs a bare loop -----------------------------------------------------------
@@ -216,6 +218,39 @@ def levers(iterations: int, repeats: int, teacher_counts: tuple[int, ...] = (1, 
     out += [f"| {'plain (contiguous)' if lever == 'none' else lever} | {statistics.median(walls[lever]):.4f} | "
             f"{plain / statistics.median(walls[lever]):.2f}x | {warm_s[lever]:.1f} |" for lever in walls]
     return out
+
+
+def fixed_targets(iterations: int, repeats: int, teachers: int = 6) -> list[str]:
+    """The clean-KD reference's distillation (the default run's images and budget per
+    iteration, ``teachers`` untrained cnn teachers) with the teachers' targets looked up
+    (computed once per image, the loop's default for fixed inputs) against computed on every
+    student step (the loop before), alternating, median of ``repeats``."""
+    import abd_fl.distill.loop as loop_module
+    from abd_fl.clean_kd_reference import distill_clean_kd_reference
+
+    cfg = compose_config([f"clean_kd_reference.iterations={iterations}"])
+    bundle = build_bundle(cfg)
+    models = [build_named_model(cfg, bundle, "client", seed=1 + i).eval() for i in range(teachers)]
+    lookup = loop_module._fixed_targets
+    walls: dict[str, list[float]] = {"per step": [], "once": []}
+    for r in range(repeats + 1):  # the first round is an untimed warm-up
+        for arm in (("per step", "once") if r % 2 == 0 else ("once", "per step")):
+            loop_module._fixed_targets = lookup if arm == "once" else (lambda *_args: None)
+            try:
+                t0 = time.perf_counter()
+                distill_clean_kd_reference(cfg, bundle, models, "cpu")
+                if r:
+                    walls[arm].append(time.perf_counter() - t0)
+            finally:
+                loop_module._fixed_targets = lookup
+    before, after = statistics.median(walls["per step"]), statistics.median(walls["once"])
+    n = round(float(cfg["clean_kd_reference"]["fraction"]) * len(bundle.train))
+    return [f"\n(a'') the clean-KD reference: {n} clean images, {iterations} iterations x "
+            f"{cfg['clean_kd_reference']['student_steps']} student steps, {teachers} untrained cnn teachers, "
+            f"median of {repeats} alternating runs",
+            "| teachers' targets | s | speed-up |", "|---|---:|---:|",
+            f"| computed on every student step (before) | {before:.1f} | 1.00x |",
+            f"| computed once per image, looked up | {after:.1f} | {before / after:.2f}x |"]
 
 
 # ---- (b) ABD / baseline ------------------------------------------------------------------
@@ -506,6 +541,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--iterations", type=int, default=50, help="distillation iterations per timed run (loop, abd)")
     parser.add_argument("--profile-iterations", type=int, default=100, help="ABD iterations profiled (part profile)")
+    parser.add_argument("--fixed-iterations", type=int, default=200,
+                        help="clean-KD reference iterations per timed run (part fixed; 200 = the default run's)")
     parser.add_argument("--scale-iterations", type=int, default=5, help="timed iterations per scaling point")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -526,6 +563,8 @@ def main() -> None:
             lines = loop_vs_bare(args.iterations, args.repeats)
         elif part == "levers":
             lines = levers(args.iterations, args.repeats)
+        elif part == "fixed":
+            lines = fixed_targets(args.fixed_iterations, args.repeats)
         elif part == "abd":
             lines = abd_overhead(args.iterations, args.repeats)
         elif part == "profile":

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from abd_fl.device import MEMORY_FORMATS, resolve_memory_format
+from abd_fl.device import check_memory_format, resolve_memory_format
 from abd_fl.distill.attention import StageRecorder, attention_transfer_per_sample, recording
 from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE, TeacherEnsemble, check_ensemble
 from abd_fl.distill.hooks import DistillContext, DistillDefense
@@ -62,8 +62,9 @@ class DistillConfig:
     ensemble_vectorize: str = "off"
     """Run same-architecture teachers as one ``vmap``-ed call: ``off`` | ``on`` | ``auto`` (on CUDA only)."""
     memory_format: str = "auto"
-    """Layout of the teachers', student's and generator's 4-D weights during the run (:data:`~abd_fl.device.MEMORY_FORMATS`):
-    ``channels_last`` | ``contiguous`` | ``auto`` (channels_last on CPU). Restored to contiguous when the run ends."""
+    """Layout of the teachers', student's and generator's 4-D weights during the run
+    (:data:`~abd_fl.device.MEMORY_FORMATS`): ``channels_last`` | ``contiguous`` | ``auto``
+    (channels_last on CPU). Restored to contiguous when the run ends."""
 
     def __post_init__(self) -> None:
         for name in ("iterations", "student_steps", "batch_size"):
@@ -80,8 +81,7 @@ class DistillConfig:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0):
             raise ValueError(f"distill.clip_grad_norm must be null or a finite number > 0, got {clip!r}")
         check_ensemble(self.ensemble, self.ensemble_trim, self.ensemble_vectorize)
-        if self.memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"unknown distill.memory_format '{self.memory_format}'; choose one of: {', '.join(MEMORY_FORMATS)}")
+        check_memory_format(self.memory_format)
         beta = self.attention_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
             raise ValueError(f"distill.attention_beta must be a finite number >= 0, got {beta!r}")
@@ -101,6 +101,22 @@ def _late_start(defense: DistillDefense | None, iterations: int) -> int:
     if defense is None or defense.late_phase_fraction <= 0:
         return iterations
     return iterations - max(1, math.ceil(defense.late_phase_fraction * iterations))
+
+
+def _fixed_targets(ensemble: TeacherEnsemble, synthesizer: Synthesizer, cfg: DistillConfig) -> torch.Tensor | None:
+    """The teachers' combined logits of every image of a fixed-input synthesizer that offers
+    ``images`` and ``sample_indices`` (:class:`FixedDataSynthesizer`), computed once, when the
+    run would otherwise compute them more often (more sampled images than stored ones); else None.
+    The teachers are frozen in eval mode, so a lookup gives what a forward would, to float
+    precision. Only for runs without a defense (which may purify the teachers' inputs or act on
+    them) and without attention transfer (which needs the teachers' stage outputs per step)."""
+    images = getattr(synthesizer, "images", None)
+    if not callable(getattr(synthesizer, "sample_indices", None)) or not isinstance(images, torch.Tensor):
+        return None
+    if len(images) >= cfg.iterations * cfg.student_steps * cfg.batch_size:
+        return None
+    with torch.no_grad():
+        return torch.cat([ensemble(images[i : i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)])
 
 
 def distill(
@@ -174,6 +190,8 @@ def distill(
         use_at = cfg.attention_beta > 0
         student_rec = StageRecorder(student) if use_at else None
         teacher_recs = [StageRecorder(t) for t in ensemble.teachers] if use_at else []
+        # fixed inputs (the clean-KD reference): every image's targets once, then looked up
+        fixed_targets = _fixed_targets(ensemble, synthesizer, cfg) if defense is None and not use_at else None
         for it in range(cfg.iterations):
             if defense is not None:
                 t0 = time.perf_counter()
@@ -193,7 +211,12 @@ def distill(
             kd_total, at_total = 0.0, 0.0
             x_prev: torch.Tensor | None = None
             for _ in range(cfg.student_steps):
-                x = synthesizer.sample(cfg.batch_size)
+                if fixed_targets is not None:
+                    idx = synthesizer.sample_indices(cfg.batch_size)  # type: ignore[attr-defined]
+                    x, t_logits = synthesizer.images[idx], fixed_targets[idx]  # type: ignore[attr-defined]
+                    x_prev = x
+                else:
+                    x = synthesizer.sample(cfg.batch_size)
                 # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once; with attention
                 # transfer the teachers' stage outputs are recorded per step, so they run every step
                 if x is not x_prev or use_at:

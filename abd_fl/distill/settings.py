@@ -171,8 +171,10 @@ class DistillSettings:
     memory_format: str = "auto"
     """Layout of the 4-D weights (and so the feature maps) during the distillation:
     ``channels_last`` | ``contiguous`` | ``auto`` (channels_last on CPU, where it ran the default
-    distillation 1.3-1.5x faster; contiguous on CUDA, not timed there). Same values either
-    way; the float results differ in the last bits (another convolution algorithm)."""
+    distillation 1.2-1.6x faster; contiguous on CUDA, not timed there). Each pass gives the
+    same values to float precision (another convolution algorithm sums in another order); over
+    a whole run those last-bit differences grow, as between two machines, so a run's figures
+    are reproducible for one layout, not across layouts."""
 
     def loop_config(self, seed: int) -> DistillConfig:
         """The distillation loop's settings (validated) for a run seeded with ``seed``."""

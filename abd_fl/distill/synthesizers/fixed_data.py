@@ -25,6 +25,10 @@ class FixedDataSynthesizer(Synthesizer):
     def generator_round(self, iteration: int) -> dict[str, float]:
         return {}
 
+    def sample_indices(self, batch_size: int) -> torch.Tensor:
+        """The rows of ``images`` that :meth:`sample` would return next (the same draw): lets
+        the loop look up the teachers' targets of these images instead of recomputing them."""
+        return torch.randint(0, self.images.shape[0], (batch_size,), generator=self.rng).to(self.images.device)
+
     def sample(self, batch_size: int) -> torch.Tensor:
-        idx = torch.randint(0, self.images.shape[0], (batch_size,), generator=self.rng)
-        return self.images[idx.to(self.images.device)]
+        return self.images[self.sample_indices(batch_size)]

@@ -1,6 +1,8 @@
-"""``distill.memory_format``: the distillation runs its convolutions channels-last on CPU
-(``auto``), gives the same student as the contiguous layout within float tolerance, and
-hands back teachers and student in the usual layout (issue 16's levers)."""
+"""Issue 16's speed levers in the distillation loop. ``distill.memory_format``: the
+convolutions run channels-last on CPU (``auto``), give the same student as the contiguous
+layout within float tolerance, and teachers and student are handed back in the usual layout.
+Fixed inputs (the clean-KD reference): the teachers' targets are computed once per image,
+and the student is the one the per-step teacher passes gave."""
 
 from __future__ import annotations
 
@@ -108,4 +110,30 @@ def test_abd_runs_channels_last_and_matches_contiguous_within_float_tolerance() 
 
     students = {fmt: _run(fmt, defense=defense())[0] for fmt in ("channels_last", "contiguous")}
     for a, b in zip(students["channels_last"].state_dict().values(), students["contiguous"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4)
+
+
+# ---- the clean-KD reference's fixed inputs: the teachers' targets computed once ---------------
+def _clean_kd(monkeypatch: pytest.MonkeyPatch | None = None) -> tuple[nn.Module, int]:
+    from abd_fl.distill import FixedDataSynthesizer
+
+    if monkeypatch is not None:  # the loop as before: the teachers run on every sampled batch
+        monkeypatch.setattr("abd_fl.distill.loop._fixed_targets", lambda *_args: None)
+    teacher = _model("cnn", 1).eval()
+    calls = [0]
+    teacher.register_forward_hook(lambda *_args: calls.__setitem__(0, calls[0] + 1))
+    student = _model("cnn_small", 9)
+    images = torch.rand(40, *SHAPE, generator=torch.Generator().manual_seed(0))
+    distill([teacher], student, FixedDataSynthesizer(images), image_shape=SHAPE,
+            config=DistillConfig(iterations=3, student_steps=4, batch_size=16))
+    return student, calls[0]
+
+
+def test_fixed_inputs_get_the_teachers_targets_once_and_the_same_student(monkeypatch: pytest.MonkeyPatch) -> None:
+    cached, cached_calls = _clean_kd()
+    with monkeypatch.context() as m:
+        recomputed, recomputed_calls = _clean_kd(m)
+    assert cached_calls == 3  # 40 images in batches of 16, once
+    assert recomputed_calls == 3 * 4  # every student step
+    for a, b in zip(cached.state_dict().values(), recomputed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4)
