@@ -214,15 +214,14 @@ def distill(
                 if fixed_targets is not None:
                     idx = synthesizer.sample_indices(cfg.batch_size)  # type: ignore[attr-defined]
                     x, t_logits = synthesizer.images[idx], fixed_targets[idx]  # type: ignore[attr-defined]
-                    x_prev = x
                 else:
                     x = synthesizer.sample(cfg.batch_size)
-                # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once; with attention
-                # transfer the teachers' stage outputs are recorded per step, so they run every step
-                if x is not x_prev or use_at:
-                    with torch.no_grad(), recording(teacher_recs):
-                        t_logits = ensemble(x)
-                    x_prev = x
+                    # a synthesizer that repeats a round's batch (ZSKT) gets the teachers' logits once; with
+                    # attention transfer the teachers' stage outputs are recorded per step, so they run every step
+                    if x is not x_prev or use_at:
+                        with torch.no_grad(), recording(teacher_recs):
+                            t_logits = ensemble(x)
+                        x_prev = x
                 with student_rec if student_rec is not None else nullcontext():
                     s_logits = student(x)
                 per_sample = kd_kl_per_sample(s_logits, t_logits, cfg.temperature, cfg.kl_reduction)
