@@ -4,15 +4,15 @@ for the tables, not a defense."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from abd_fl.data import DatasetBundle
-from abd_fl.distill import DistillConfig, FixedDataSynthesizer, distill
-from abd_fl.distill.ensemble import DEFAULT_ENSEMBLE
-from abd_fl.experiment import build_named_model
+from abd_fl.distill import FixedDataSynthesizer, distill
+from abd_fl.experiment import build_named_model, distill_config
 
 
 def clean_kd_images(cfg: Mapping[str, Any], bundle: DatasetBundle) -> torch.Tensor:
@@ -35,23 +35,13 @@ def distill_clean_kd_reference(
     applied here; every published table used this loss). A reference point, not a defense."""
     ref = cfg["clean_kd_reference"]
     student = build_named_model(cfg, bundle, "student")
-    distill(
-        teachers,
-        student,
-        FixedDataSynthesizer(clean_kd_images(cfg, bundle)),
-        config=DistillConfig(
-            iterations=int(ref["iterations"]),
-            student_steps=int(ref["student_steps"]),
-            batch_size=int(cfg["distill"]["batch_size"]),
-            lr=float(cfg["distill"]["lr"]),
-            temperature=float(ref["temperature"]),
-            seed=int(cfg["seed"]),
-            attention_beta=float(cfg["distill"].get("attention_beta", 0.0)),
-            ensemble=str(cfg["distill"].get("ensemble", DEFAULT_ENSEMBLE)),
-            ensemble_trim=float(cfg["distill"].get("ensemble_trim", 0.2)),
-            ensemble_vectorize=str(cfg["distill"].get("ensemble_vectorize", "off")),
-            memory_format=str(cfg["distill"].get("memory_format", "auto")),
-        ),
-        device=device,
+    config = replace(
+        distill_config(cfg),  # the run's batch size, lr, ensemble rule, attention and layout
+        iterations=int(ref["iterations"]),
+        student_steps=int(ref["student_steps"]),
+        temperature=float(ref["temperature"]),
+        clip_grad_norm=None,
+        kl_reduction="sum",
     )
+    distill(teachers, student, FixedDataSynthesizer(clean_kd_images(cfg, bundle)), config=config, device=device)
     return student
